@@ -1,0 +1,268 @@
+"""Each script's copy of a formula, checked against reference snippets copied from the seed documents.
+
+The seeds (the documents this project comes from) state the formulas; their snippets are copied below as
+they are written there, translated into runnable PyTorch where the seed gives only the formula. Every
+script that carries a copy of a function is checked, and copies that two scripts share must be identical.
+
+    python -m pytest -q test_losses.py
+"""
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_mnist_gan as mnist
+
+torch.set_default_dtype(torch.float64)  # references and copies are compared to 1e-10, not to float32 noise
+
+
+def logits(n=257, scale=4.0, seed=0):
+    return scale * torch.randn(n, 1, generator=torch.Generator().manual_seed(seed))
+
+
+# -----------------------------------------------------------------------------
+# seed 004: the BCELoss class it builds the GAN on, copied as written there (1e-7 clamp included)
+
+class SeedBCELoss:
+    def __call__(self, y_pred, y_true):
+        y_pred = torch.clamp(y_pred, min=1e-7, max=1 - 1e-7)  # 防止对数函数中的 NaN
+        loss = - (y_true * torch.log(y_pred) + (1 - y_true) * torch.log(1 - y_pred))
+        return torch.mean(loss)
+
+
+def seed004_losses(real_logits, fake_logits):
+    """Seed 004's training step, on probabilities D = sigmoid(logits) as its nn.Sigmoid() gives them."""
+    adversarial_loss = SeedBCELoss()
+    valid, fake = torch.ones_like(real_logits), torch.zeros_like(fake_logits)
+    g_loss = adversarial_loss(torch.sigmoid(fake_logits), valid)
+    real_loss = adversarial_loss(torch.sigmoid(real_logits), valid)
+    fake_loss = adversarial_loss(torch.sigmoid(fake_logits), fake)
+    d_loss = (real_loss + fake_loss) / 2
+    return d_loss, g_loss
+
+
+def test_bce_matches_seed004_bceloss():
+    r, f = logits(seed=1), logits(seed=2)  # |logit| < 16 here, where the seed's clamp is inactive
+    assert r.abs().max() < 16 and f.abs().max() < 16
+    d_ref, g_ref = seed004_losses(r, f)
+    torch.testing.assert_close(mnist.d_loss_fn("bce", r, f), d_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mnist.g_loss_fn("bce", f), g_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_bce_clamp_is_the_only_difference_from_seed004():
+    # The seed's clamp caps each term at -log(1e-7) = 16.118; from logits the loss stays exact, with the
+    # right gradient. Past |logit| ~ 16.1 the two differ, and only there.
+    f = torch.tensor([[-30.0], [30.0]])
+    _, g_ref = seed004_losses(f, f)
+    cap = -math.log(1e-7)
+    assert g_ref.item() == pytest.approx((cap + 0.0) / 2, abs=1e-6)  # the seed saturates at the cap
+    assert mnist.g_loss_fn("bce", f).item() == pytest.approx((30.0 + math.log1p(math.exp(-30))) / 2, rel=1e-12)
+
+
+def test_d_loss_at_d_one_half():
+    # Seed 004's averaged d_loss when D outputs 1/2 everywhere (logits 0): (ln 2 + ln 2) / 2 = ln 2
+    zero = torch.zeros(8, 1)
+    assert mnist.d_loss_fn("bce", zero, zero).item() == pytest.approx(math.log(2), rel=1e-12)
+    assert mnist.g_loss_fn("bce", zero).item() == pytest.approx(math.log(2), rel=1e-12)
+    assert seed004_losses(zero, zero)[0].item() == pytest.approx(math.log(2), rel=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# seeds 000 and 003: the value function V(D, G) = E_x[log D(x)] + E_z[log(1 - D(G(z)))]
+
+def seed_value_function(d_real, d_fake):
+    return torch.log(d_real).mean() + torch.log(1 - d_fake).mean()
+
+
+def test_minimax_losses_are_the_value_function():
+    r, f = logits(seed=3), logits(seed=4)
+    V = seed_value_function(torch.sigmoid(r), torch.sigmoid(f))
+    # D maximises V: seed 000's loss_disc = -V; seed 004 averages the two terms, so d_loss = -V / 2
+    torch.testing.assert_close(mnist.d_loss_fn("minimax", r, f), -V / 2)
+    # G minimises V; only its second term depends on G: E[log(1 - D(G(z)))]
+    torch.testing.assert_close(mnist.g_loss_fn("minimax", f), torch.log(1 - torch.sigmoid(f)).mean())
+    # seed 000's loss_gen, the non-saturating form: -E[log D(G(z))]
+    torch.testing.assert_close(mnist.g_loss_fn("bce", f), -torch.log(torch.sigmoid(f)).mean())
+
+
+def test_minimax_generator_saturates_where_bce_does_not():
+    # Seed 004: early on D rejects the fakes, log(1 - D(G(z))) flattens and G stops learning.
+    f = torch.full((4, 1), -8.0, requires_grad=True)
+    g_mm, = torch.autograd.grad(mnist.g_loss_fn("minimax", f), f)
+    g_ns, = torch.autograd.grad(mnist.g_loss_fn("bce", f), f)
+    assert g_mm.abs().max() < 1e-3 < g_ns.abs().min()
+
+
+def optimal_discriminator(counts_data, counts_g):
+    """D* found by minimising the script's d_loss_fn ("bce") over one free logit per support point, on a
+    sample that holds point k counts_data[k] times among the reals and counts_g[k] times among the fakes."""
+    k = len(counts_data)
+    idx_d = torch.repeat_interleave(torch.arange(k), torch.tensor(counts_data))
+    idx_g = torch.repeat_interleave(torch.arange(k), torch.tensor(counts_g))
+    t = torch.zeros(k, requires_grad=True)
+    opt = torch.optim.LBFGS([t], lr=1, max_iter=5000, tolerance_grad=1e-13, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = mnist.d_loss_fn("bce", t[idx_d], t[idx_g])
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return torch.sigmoid(t.detach())
+
+
+def test_optimal_discriminator_is_pdata_over_sum():
+    # Seed 004, proposition 1: for a fixed G, D*(x) = p_data(x) / (p_data(x) + p_g(x))
+    counts_data, counts_g = [10, 6, 3, 1], [2, 4, 6, 8]  # p_data = counts_data / 20, p_g = counts_g / 20
+    p_data, p_g = torch.tensor(counts_data) / 20.0, torch.tensor(counts_g) / 20.0
+    torch.testing.assert_close(optimal_discriminator(counts_data, counts_g), p_data / (p_data + p_g), rtol=1e-7, atol=1e-7)
+
+
+def test_virtual_criterion_is_minus_log4_at_pg_equal_pdata():
+    # Seed 004, theorem 1: C(G) = max_D V(G, D) = -log 4 + 2 JSD(p_data || p_g), and -log 4 iff p_g = p_data
+    def C(counts_data, counts_g):
+        p, q = torch.tensor(counts_data) / sum(counts_data), torch.tensor(counts_g) / sum(counts_g)
+        d_star = optimal_discriminator(counts_data, counts_g)
+        return (p * torch.log(d_star)).sum() + (q * torch.log(1 - d_star)).sum(), p, q  # V(G, D*)
+
+    c, p, _ = C([8, 7, 5], [8, 7, 5])
+    assert c.item() == pytest.approx(-math.log(4), abs=1e-9)
+    c, p, q = C([8, 7, 5], [2, 6, 12])
+    m = (p + q) / 2
+    jsd = 0.5 * (p * (p / m).log()).sum() + 0.5 * (q * (q / m).log()).sum()
+    assert c.item() == pytest.approx(-math.log(4) + 2 * jsd.item(), abs=1e-9)
+    assert c.item() > -math.log(4) + 0.1
+
+
+# -----------------------------------------------------------------------------
+# seed 002: WGAN and WGAN-GP, as its formulas read
+
+def seed002_wgan(d_real, d_fake):
+    L_G = -d_fake.mean()                 # L_G = -E_z[D(G(z))]
+    L_D = d_real.mean() - d_fake.mean()  # L_D = E_x[D(x)] - E_z[D(G(z))]
+    return L_D, L_G
+
+
+def test_wgan_matches_seed002():
+    r, f = logits(seed=5), logits(seed=6)
+    L_D, L_G = seed002_wgan(r, f)
+    # Seed 002 writes L_D = E[D(x)] - E[D(G(z))] as the critic's loss. That is the Wasserstein estimate the
+    # critic MAXIMISES (minimising it would train the critic backwards, against its own G loss). The
+    # critic's loss to minimise is its negative, which is what the script uses.
+    for loss in ("wgan", "wgan-gp"):
+        torch.testing.assert_close(mnist.d_loss_fn(loss, r, f), -L_D)
+        torch.testing.assert_close(mnist.g_loss_fn(loss, f), L_G)
+
+
+class LinearD(torch.nn.Module):
+    """D(x) = w . flatten(x) + b: its input gradient is w everywhere."""
+
+    def __init__(self, dim, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.randn(dim, generator=g))
+        self.b = torch.nn.Parameter(torch.randn(1, generator=g))
+
+    def forward(self, x):
+        return (x.flatten(1) @ self.w + self.b).unsqueeze(1)
+
+
+def test_gradient_penalty_of_a_linear_critic():
+    # Seed 002: lambda * E[(||grad_x_hat D(x_hat)||_2 - 1)^2]; for a linear D that is (||w|| - 1)^2
+    D = LinearD(12)
+    real, fake = torch.randn(16, 3, 2, 2), torch.randn(16, 3, 2, 2)
+    gp = mnist.gradient_penalty(D, real, fake)
+    torch.testing.assert_close(gp, (D.w.norm() - 1) ** 2)
+    # the penalty reaches D's weights (create_graph): d/dw (||w|| - 1)^2 = 2 (||w|| - 1) w / ||w||
+    grad_w, = torch.autograd.grad(gp, D.w)
+    torch.testing.assert_close(grad_w, 2 * (D.w.norm() - 1) * D.w / D.w.norm())
+
+
+def test_gradient_penalty_is_taken_at_interpolates():
+    # A quadratic critic D(x) = 0.5 ||x||^2 has grad x: the penalty depends on where it is taken.
+    class Quadratic(torch.nn.Module):
+        def forward(self, x):
+            return 0.5 * x.flatten(1).pow(2).sum(1, keepdim=True)
+    real, fake = torch.randn(64, 5), torch.randn(64, 5) + 3
+    torch.manual_seed(7)
+    gp = mnist.gradient_penalty(Quadratic(), real, fake)
+    torch.manual_seed(7)  # the same eps ~ U[0, 1] per sample the function draws
+    eps = torch.rand(64, 1)
+    x_hat = eps * real + (1 - eps) * fake
+    torch.testing.assert_close(gp, ((x_hat.norm(dim=1) - 1) ** 2).mean())
+    at_fakes = ((fake.norm(dim=1) - 1) ** 2).mean()  # seed 002's snippet: the gradient at the fakes
+    assert abs(gp.item() - at_fakes.item()) > 0.1
+
+
+# -----------------------------------------------------------------------------
+# R1 (seed 001's definition): mean over the batch of sum(grad^2), grad = d(sum logits)/dx
+
+def test_r1_of_a_linear_discriminator_is_its_squared_weight_norm():
+    D = LinearD(12, seed=3)
+    x = torch.randn(10, 3, 2, 2, requires_grad=True)
+    r1 = mnist.r1_penalty(D(x), x)
+    torch.testing.assert_close(r1, D.w.pow(2).sum())
+    grad_w, = torch.autograd.grad(r1, D.w)  # it is differentiable in D's weights: d/dw ||w||^2 = 2w
+    torch.testing.assert_close(grad_w, 2 * D.w)
+
+
+def test_r1_matches_seed001_snippet():
+    # seed 001: grad = d(sum logits)/dx; flatten; mean(sum(grad^2))
+    torch.manual_seed(0)
+    D = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.randn(6, 3, 2, 2, requires_grad=True)
+    out = D(x)
+    grad = torch.autograd.grad(out.sum(), x, create_graph=True)[0]
+    ref = grad.view(grad.size(0), -1).pow(2).sum(1).mean()
+    torch.testing.assert_close(mnist.r1_penalty(out, x), ref)
+
+
+# -----------------------------------------------------------------------------
+# the other losses of train_mnist_gan.py, from their papers
+
+def test_hinge_and_lsgan():
+    r, f = logits(seed=8), logits(seed=9)
+    torch.testing.assert_close(mnist.d_loss_fn("hinge", r, f), torch.clamp(1 - r, min=0).mean() + torch.clamp(1 + f, min=0).mean())
+    torch.testing.assert_close(mnist.g_loss_fn("hinge", f), -f.mean())
+    torch.testing.assert_close(mnist.d_loss_fn("lsgan", r, f), 0.5 * ((r - 1) ** 2).mean() + 0.5 * (f ** 2).mean())
+    torch.testing.assert_close(mnist.g_loss_fn("lsgan", f), 0.5 * ((f - 1) ** 2).mean())
+    zero = torch.zeros(5, 1)
+    assert mnist.d_loss_fn("hinge", zero, zero).item() == 2.0  # logits near 0: hinge d_loss near 2
+
+
+def test_every_loss_returns_a_scalar_and_unknown_ones_fail():
+    r, f = logits(seed=10), logits(seed=11)
+    for loss in mnist.LOSSES:
+        assert mnist.d_loss_fn(loss, r, f).dim() == 0 and mnist.g_loss_fn(loss, f).dim() == 0
+    with pytest.raises(ValueError):
+        mnist.d_loss_fn("nope", r, f)
+
+
+# -----------------------------------------------------------------------------
+# copies: a function two scripts share is written identically in both
+
+SHARED = ["r1_penalty", "save_json_atomic", "save_torch_atomic", "save_grid"]
+
+
+def copies(name):
+    """{script: source} of every script that defines `name` at module level."""
+    import importlib
+    found = {}
+    for script in ("train_mnist_gan", "train_latent_stargan", "encode_latents"):
+        try:
+            mod = importlib.import_module(script)
+        except ModuleNotFoundError:
+            continue
+        if hasattr(mod, name):
+            found[script] = inspect.getsource(getattr(mod, name))
+    return found
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_functions_are_identical_copies(name):
+    found = copies(name)
+    assert "train_mnist_gan" in found
+    assert len(set(found.values())) == 1, f"{name} differs between {sorted(found)}"

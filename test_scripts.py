@@ -1,0 +1,365 @@
+"""Each script end to end, as a user runs it: a subprocess with tiny flags, on tiny data the tests write.
+
+    python -m pytest -q test_scripts.py
+
+Nothing here touches the network: downloads go to a server on 127.0.0.1 that the test starts, or to a
+closed port. GPU-only tests are skipped where there is no CUDA.
+"""
+import gzip
+import hashlib
+import http.server
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+CUDA = torch.cuda.is_available()
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def run(script, *args, check=True, timeout=300, cwd=None):
+    """Run a script of the project; return the CompletedProcess (stdout and stderr as text)."""
+    p = subprocess.run([PY, os.path.join(HERE, script), *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, cwd=cwd)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def assert_one_line_error(p, *needles):
+    """A user mistake: non-zero exit, exactly one line on stderr, no traceback, and the line says what to do."""
+    assert p.returncode != 0, p.stdout
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert "Traceback" not in p.stderr, p.stderr
+    assert len(lines) == 1, p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def load_log(out_dir):
+    with open(os.path.join(out_dir, "log.json")) as f:
+        return json.load(f)
+
+
+# -----------------------------------------------------------------------------
+# tiny MNIST-format data: class k is a bright bar at a position and angle of its own, plus noise
+
+def write_idx(path, array):
+    """array uint8 of rank 1 (labels) or 3 (images) -> an IDX file, gzipped when path ends in .gz."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(data)
+
+
+def make_digits(n, seed, size=28):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    imgs = np.zeros((n, size, size), np.float32)
+    for i, k in enumerate(labels):
+        angle = np.pi * k / 10
+        d = np.abs((xx - size / 2) * np.sin(angle) - (yy - size / 2) * np.cos(angle))
+        imgs[i] = 220 * (d < 2.5) * (np.hypot(xx - size / 2, yy - size / 2) < 11)
+    imgs += rng.normal(0, 12, imgs.shape)
+    return np.clip(imgs, 0, 255).astype(np.uint8), labels
+
+
+def write_tiny_mnist(folder, n_train=512, n_test=256, gz=True):
+    os.makedirs(folder, exist_ok=True)
+    ext = ".gz" if gz else ""
+    x, y = make_digits(n_train, 0)
+    xt, yt = make_digits(n_test, 1)
+    for name, arr in (("train-images-idx3-ubyte", x), ("train-labels-idx1-ubyte", y),
+                      ("t10k-images-idx3-ubyte", xt), ("t10k-labels-idx1-ubyte", yt)):
+        write_idx(os.path.join(folder, name + ext), arr)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory):
+    return write_tiny_mnist(str(tmp_path_factory.mktemp("tiny_mnist")))
+
+
+def mnist_args(data_dir, out_dir, *extra):
+    return ["--data_dir", data_dir, "--out_dir", out_dir, "--batch_size", 32, "--log_interval", 4,
+            "--sample_interval", 8, "--device", "cpu", "--seed", 1, *extra]
+
+
+def check_grid(path, size=304):
+    """A 5x5 grid of 28px images, 2px padding, scaled 2x: present, the right size, and not blank."""
+    img = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+    assert img.shape == (size, size), img.shape
+    cells = img[4:60, 4:60]  # the first image, inside the padding
+    assert img.std() > 5 and cells.std() > 1, (img.std(), cells.std())
+
+
+# -----------------------------------------------------------------------------
+# train_mnist_gan.py
+
+LOSS_KEYS = {"bce": [], "minimax": [], "wgan": [], "wgan-gp": ["gp"], "hinge": [], "lsgan": []}
+
+
+@pytest.mark.parametrize("loss", sorted(LOSS_KEYS))
+def test_mnist_gan_trains_with_every_loss(tiny_mnist, tmp_path, loss):
+    out = str(tmp_path / loss)
+    p = run("train_mnist_gan.py", *mnist_args(tiny_mnist, out, "--loss", loss, "--epochs", 2))
+    assert "img/s" in p.stdout.splitlines()[-1]
+    log = load_log(out)
+    assert log["script"] == "train_mnist_gan.py"
+    cfg = log["config"]
+    assert cfg["loss"] == loss and cfg["batch_size"] == 32 and cfg["epochs"] == 2
+    for k in ("lr", "lr_d", "b1", "b2", "n_critic", "optimizer", "clip_value", "lambda_gp", "r1", "seed", "dtype", "compile"):
+        assert k in cfg, k
+    assert [r["epoch"] for r in log["records"]] == [1, 2]
+    assert [r["step"] for r in log["records"]] == [16, 32]  # 512 images // 32 per step
+    keys = {"epoch", "step", "d_loss", "g_loss", "d_real", "d_fake", "imgs_per_sec", "time", *LOSS_KEYS[loss]}
+    for r in log["records"]:
+        assert set(r) == keys, set(r) ^ keys
+        assert all(np.isfinite(v) for v in r.values())
+    if loss in ("bce", "minimax", "lsgan"):  # D(x), D(G(z)) are probabilities there, raw critic scores elsewhere
+        assert all(0 < r["d_real"] < 1 and 0 < r["d_fake"] < 1 for r in log["records"])
+    samples = sorted(os.listdir(os.path.join(out, "samples")))
+    assert samples == ["000000.png", "000008.png", "000016.png", "000024.png", "000032.png"]
+    check_grid(os.path.join(out, "samples", "000032.png"))
+
+
+def test_mnist_gan_defaults_follow_each_loss(tiny_mnist, tmp_path):
+    out = str(tmp_path / "wgan")
+    run("train_mnist_gan.py", *mnist_args(tiny_mnist, out, "--loss", "wgan", "--max_iters", 10))
+    cfg = load_log(out)["config"]
+    assert (cfg["optimizer"], cfg["lr"], cfg["n_critic"], cfg["clip_value"]) == ("rmsprop", 5e-5, 5, 0.01)
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert all(v.abs().max() <= 0.01 + 1e-9 for v in ck["D"].values())  # every D weight clipped
+    out = str(tmp_path / "gp")
+    run("train_mnist_gan.py", *mnist_args(tiny_mnist, out, "--loss", "wgan-gp", "--max_iters", 2, "--lr", 3e-4))
+    cfg = load_log(out)["config"]
+    assert (cfg["lr"], cfg["lr_d"], cfg["b1"], cfg["b2"], cfg["lambda_gp"]) == (3e-4, 1e-4, 0.0, 0.9, 10.0)
+    p = run("train_mnist_gan.py", "--help")
+    assert "wgan-gp: adam lr 0.0001 betas (0, 0.9) n_critic 5" in p.stdout.replace("\n", " ").replace("  ", " ")
+
+
+def test_mnist_gan_r1_and_n_critic(tiny_mnist, tmp_path):
+    out = str(tmp_path / "r1")
+    run("train_mnist_gan.py", *mnist_args(tiny_mnist, out, "--loss", "hinge", "--r1", 10, "--n_critic", 2, "--epochs", 1))
+    r = load_log(out)["records"][0]
+    assert r["r1"] > 0 and np.isfinite(r["r1"])
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    # 16 D steps, G on every second one: Adam's step count says how often each optimizer stepped
+    assert ck["opt_D"]["state"][0]["step"].item() == 16 and ck["opt_G"]["state"][0]["step"].item() == 8
+
+
+def records_losses(log):
+    return [[r[k] for k in ("epoch", "step", "d_loss", "g_loss", "d_real", "d_fake")] for r in log["records"]]
+
+
+def test_mnist_gan_resume_is_exact(tiny_mnist, tmp_path):
+    a, b, c = str(tmp_path / "straight"), str(tmp_path / "resumed"), str(tmp_path / "midepoch")
+    run("train_mnist_gan.py", *mnist_args(tiny_mnist, a, "--epochs", 2))
+    run("train_mnist_gan.py", *mnist_args(tiny_mnist, b, "--epochs", 1))
+    p = run("train_mnist_gan.py", "--resume", "--out_dir", b, "--epochs", 2)  # other flags from the checkpoint
+    assert "resumed from" in p.stdout and "at step 16" in p.stdout
+    run("train_mnist_gan.py", *mnist_args(tiny_mnist, c, "--epochs", 2, "--max_iters", 5))  # stops inside epoch 1
+    run("train_mnist_gan.py", "--resume", "--out_dir", c, "--max_iters", 0)
+    ref = records_losses(load_log(a))
+    for other in (b, c):
+        np.testing.assert_allclose(records_losses(load_log(other)), ref, rtol=1e-6, atol=1e-7)
+        ka = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
+        kb = torch.load(os.path.join(other, "ckpt.pt"), weights_only=True)
+        for net in ("G", "D"):
+            for k in ka[net]:
+                torch.testing.assert_close(kb[net][k], ka[net][k], rtol=1e-6, atol=1e-7)
+
+
+def test_mnist_gan_ctrl_c_saves_and_resumes(tiny_mnist, tmp_path):
+    a, b = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    args = mnist_args(tiny_mnist, b, "--epochs", 40, "--log_interval", 16, "--sample_interval", 10000)
+    proc = subprocess.Popen([PY, os.path.join(HERE, "train_mnist_gan.py"), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training is under way, then press Ctrl-C
+        if line.startswith("epoch 3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted at step" in out and "--resume" in out
+    stopped = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["step"]
+    assert 48 <= stopped < 640
+    run("train_mnist_gan.py", "--resume", "--out_dir", b)
+    run("train_mnist_gan.py", *mnist_args(tiny_mnist, a, "--epochs", 40, "--log_interval", 16, "--sample_interval", 10000))
+    np.testing.assert_allclose(records_losses(load_log(b)), records_losses(load_log(a)), rtol=1e-6, atol=1e-7)
+
+
+def test_mnist_gan_nan_stops_and_keeps_the_checkpoint(tiny_mnist, tmp_path):
+    out = str(tmp_path / "nan")
+    run("train_mnist_gan.py", *mnist_args(tiny_mnist, out, "--epochs", 1))
+    before = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    p = run("train_mnist_gan.py", "--resume", "--out_dir", out, "--epochs", 3, "--lr", 1e30, "--lr_d", 1e30, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert "non-finite" in last and "at step 1" in last and "last good checkpoint" in last and "step 16" in last, last
+    after = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert after["step"] == 16
+    torch.testing.assert_close(after["G"], before["G"])
+    assert [r["step"] for r in load_log(out)["records"]] == [16]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--batch_size", 0], "--batch_size must be at least"),
+    (["--batch_size", 1], "BatchNorm needs more than one sample"),
+    (["--epochs", 0], "--epochs must be at least 1"),
+    (["--lr", -1], "--lr must be positive"),
+    (["--b1", 1.5], "--b1 must be in [0, 1)"),
+    (["--r1", -2], "--r1 must be zero or positive"),
+    (["--batch_size", 100000], "larger than the training set (512 images)"),
+    (["--device", "tpu9"], "--device tpu9"),
+])
+def test_mnist_gan_impossible_flags(tiny_mnist, tmp_path, flags, needle):
+    p = run("train_mnist_gan.py", *mnist_args(tiny_mnist, str(tmp_path / "o")), *flags, check=False)
+    assert_one_line_error(p, needle)
+
+
+@pytest.mark.skipif(CUDA, reason="this machine has CUDA")
+def test_mnist_gan_cuda_requested_without_cuda(tiny_mnist, tmp_path):
+    p = run("train_mnist_gan.py", *mnist_args(tiny_mnist, str(tmp_path / "o")), "--device", "cuda", check=False)
+    assert_one_line_error(p, "CUDA is not available", "--device cpu")
+
+
+def test_mnist_gan_resume_errors(tiny_mnist, tmp_path):
+    out = tmp_path / "r"
+    p = run("train_mnist_gan.py", *mnist_args(tiny_mnist, str(out)), "--resume", check=False)
+    assert_one_line_error(p, "no checkpoint at", "start without --resume")
+    os.makedirs(out)
+    torch.save({"weights": torch.zeros(3)}, out / "ckpt.pt")
+    p = run("train_mnist_gan.py", *mnist_args(tiny_mnist, str(out)), "--resume", check=False)
+    assert_one_line_error(p, "is not a checkpoint of train_mnist_gan.py")
+    (out / "ckpt.pt").write_bytes(b"not a torch file")
+    p = run("train_mnist_gan.py", *mnist_args(tiny_mnist, str(out)), "--resume", check=False)
+    assert_one_line_error(p, "cannot be loaded")
+
+
+def test_mnist_gan_missing_data_offline(tmp_path):
+    # port 9 on loopback: nothing listens there, so the download fails at once, as it does offline
+    p = run("train_mnist_gan.py", "--data_dir", tmp_path / "empty", "--mirror", "http://127.0.0.1:9/",
+            "--out_dir", tmp_path / "o", "--device", "cpu", check=False)
+    line = assert_one_line_error(p, "mnist not found in", "download failed", "Put train-images-idx3-ubyte.gz",
+                                 "--dataset fashion")
+    assert str(tmp_path / "empty") in line
+
+
+def corrupt_idx_sets(folder):
+    """Yield (description, data_dir, expected message) for IDX files broken in the ways downloads break."""
+    for case, needle in (("magic", "bad magic number"), ("truncated", "truncated or corrupt"),
+                         ("gzip", "cannot be read"), ("halfgzip", "cannot be read"), ("labels", "labels")):
+        d = write_tiny_mnist(os.path.join(folder, case), n_train=64, n_test=32)
+        path = os.path.join(d, "train-images-idx3-ubyte.gz")
+        raw = gzip.decompress(open(path, "rb").read())
+        if case == "magic":
+            raw = b"\x00\x00\x08\x09" + raw[4:]
+        elif case == "truncated":
+            raw = raw[:len(raw) // 2]
+        if case == "gzip":
+            open(path, "wb").write(os.urandom(2000))
+        elif case == "halfgzip":
+            whole = gzip.compress(raw)
+            open(path, "wb").write(whole[:len(whole) // 2])
+        elif case == "labels":  # 64 images, 30 labels
+            write_idx(os.path.join(d, "train-labels-idx1-ubyte.gz"), np.zeros(30, np.uint8))
+        else:
+            open(path, "wb").write(gzip.compress(raw))
+        yield case, d, needle
+
+
+def test_mnist_gan_corrupt_idx_files(tmp_path):
+    for case, d, needle in corrupt_idx_sets(str(tmp_path)):
+        p = run("train_mnist_gan.py", "--data_dir", d, "--out_dir", tmp_path / "o", "--device", "cpu",
+                "--mirror", "http://127.0.0.1:9/", check=False)
+        assert_one_line_error(p, needle)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def loopback_server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving tmp_path/www; yields (folder, base URL)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = lambda *a, **k: QuietHandler(*a, directory=str(www), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def test_mnist_download_checks_md5(loopback_server, tmp_path):
+    import train_mnist_gan as mnist
+    www, url = loopback_server
+    payload = gzip.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 3) + b"\x01\x02\x03")
+    (www / "t10k-labels-idx1-ubyte.gz").write_bytes(payload)
+    good = hashlib.md5(payload).hexdigest()
+    dest = tmp_path / "data"
+    # the right MD5: the file lands in place, whole, with no temporary file left behind
+    path = mnist.download("t10k-labels-idx1-ubyte.gz", good, str(dest), [url])
+    assert open(path, "rb").read() == payload and os.listdir(dest) == ["t10k-labels-idx1-ubyte.gz"]
+    assert list(mnist.read_idx(path)) == [1, 2, 3]
+    # a wrong MD5 (a mirror serving something else): nothing is kept
+    os.remove(path)
+    with pytest.raises(ValueError, match="MD5"):
+        mnist.download("t10k-labels-idx1-ubyte.gz", "0" * 32, str(dest), ["http://127.0.0.1:9/", url])
+    assert os.listdir(dest) == []
+    # the script: a mirror that serves the tiny set, whose MD5s are not MNIST's, is refused in one line
+    write_tiny_mnist(str(www), n_train=64, n_test=32)
+    p = run("train_mnist_gan.py", "--data_dir", dest, "--mirror", url, "--out_dir", tmp_path / "o", "--device", "cpu", check=False)
+    assert_one_line_error(p, "MD5", "expected f68b3c2dcbeaaa9fbdd348bbdeb94873")
+    assert os.listdir(dest) == []
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason="apt-get install dataset-fashion-mnist")
+def test_mnist_gan_finds_debian_fashion_mnist(tmp_path):
+    out = str(tmp_path / "f")
+    p = run("train_mnist_gan.py", "--dataset", "fashion", "--data_dir", tmp_path / "nothing_here", "--mirror",
+            "http://127.0.0.1:9/", "--out_dir", out, "--max_iters", 3, "--device", "cpu")
+    assert "60000 images, 937 steps/epoch" in p.stdout
+    assert load_log(out)["records"][0]["step"] == 3
+
+
+def test_mnist_gan_uncompressed_idx_and_torchvision_layout(tmp_path):
+    d = write_tiny_mnist(str(tmp_path / "data" / "MNIST" / "raw"), n_train=64, n_test=32, gz=False)
+    p = run("train_mnist_gan.py", "--data_dir", tmp_path / "data", "--out_dir", tmp_path / "o", "--max_iters", 2,
+            "--batch_size", 16, "--device", "cpu", "--mirror", "http://127.0.0.1:9/")
+    assert "64 images" in p.stdout and os.path.exists(os.path.join(d, "train-images-idx3-ubyte"))
+
+
+def test_mnist_gan_compiled_bf16_path_on_cpu(tiny_mnist, tmp_path):
+    # The CUDA configuration (torch.compile + bf16 autocast), run on the CPU: the same code path, minus CUDA.
+    out = str(tmp_path / "c")
+    p = run("train_mnist_gan.py", *mnist_args(tiny_mnist, out, "--compile", "--dtype", "bfloat16", "--max_iters", 12,
+                                              "--r1", 1), timeout=600)
+    assert "bfloat16 compiled" in p.stdout
+    r = load_log(out)["records"][0]
+    assert r["step"] == 12 and np.isfinite(r["d_loss"]) and np.isfinite(r["g_loss"])
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in ck["G"])  # the raw module's weights, not the compiled wrapper's
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_mnist_gan_on_gpu(tiny_mnist, tmp_path):
+    out = str(tmp_path / "gpu")
+    p = run("train_mnist_gan.py", *mnist_args(tiny_mnist, out, "--epochs", 3, "--device", "cuda"), timeout=600)
+    assert "bfloat16 compiled" in p.stdout
+    assert all(np.isfinite(r["d_loss"]) for r in load_log(out)["records"])
