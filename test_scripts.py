@@ -363,3 +363,209 @@ def test_mnist_gan_on_gpu(tiny_mnist, tmp_path):
     p = run("train_mnist_gan.py", *mnist_args(tiny_mnist, out, "--epochs", 3, "--device", "cuda"), timeout=600)
     assert "bfloat16 compiled" in p.stdout
     assert all(np.isfinite(r["d_loss"]) for r in load_log(out)["records"])
+
+
+# -----------------------------------------------------------------------------
+# encode_latents.py, with a tiny randomly initialised VAE saved and loaded the way a real one is
+
+TINY_VAE = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64)
+# Stable Diffusion's VAE (sd-vae-ft-mse), randomly initialised: for the GPU throughput check only
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    folder = str(tmp_path_factory.mktemp("tiny_vae"))
+    AutoencoderKL(**TINY_VAE).save_pretrained(folder)
+    return folder
+
+
+def make_image_tree(root):
+    """cat/dog/wild folders of small images in several formats and shapes, one corrupt file, one non-image."""
+    rng = np.random.default_rng(0)
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
+    for d, (w, h) in (("cat", (40, 32)), ("dog", (32, 48)), ("wild", (64, 64))):
+        os.makedirs(os.path.join(root, d, "sub"), exist_ok=True)
+        for i, ext in enumerate([".png", ".jpg", ".webp", ".bmp", ".png"]):
+            arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+            img = Image.fromarray(arr).convert("L") if i == 4 else Image.fromarray(arr)  # one grayscale
+            img.save(os.path.join(root, d, f"{i}{ext.upper() if i == 1 else ext}"), fmt[ext])
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, d, "sub", "deep.png"))
+    open(os.path.join(root, "dog", "broken.jpg"), "wb").write(b"\xff\xd8\xff\xe0 not really a jpeg" * 10)
+    open(os.path.join(root, "cat", "notes.txt"), "w").write("not an image")
+    open(os.path.join(root, "cat", ".DS_Store"), "wb").write(b"\0\0")
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    return make_image_tree(str(tmp_path / "images"))
+
+
+def load_pt(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_encode_image_tree(image_tree, tiny_vae, tmp_path):
+    out = str(tmp_path / "lat.pt")
+    p = run("encode_latents.py", "--images", image_tree, "--vae", tiny_vae, "--size", 32, "--out", out,
+            "--batch_size", 4, "--max_bad", 0.2, "--decode_check", 4)
+    warnings_ = [l for l in p.stderr.splitlines() if l.startswith("warning")]
+    assert len(warnings_) == 1 and "dog/broken.jpg" in warnings_[0]
+    assert "1 skipped as unreadable" in p.stdout and "cat 6, dog 6, wild 6" in p.stdout
+    d = load_pt(out)
+    assert set(d) == {"latents", "labels", "domains", "paths", "vae", "subfolder", "scaling_factor", "image_size", "mode"}
+    assert d["latents"].shape == (18, 4, 4, 4) and d["latents"].dtype == torch.float16
+    assert d["labels"].dtype == torch.int64 and d["labels"].tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert d["domains"] == ["cat", "dog", "wild"]
+    assert d["paths"][:6] == ["cat/0.png", "cat/1.JPG", "cat/2.webp", "cat/3.bmp", "cat/4.png", "cat/sub/deep.png"]
+    assert "dog/broken.jpg" not in d["paths"] and not any(x.endswith((".txt", ".DS_Store")) for x in d["paths"])
+    assert (d["vae"], d["subfolder"], d["scaling_factor"], d["image_size"], d["mode"]) == (tiny_vae, None, 0.18215, 32, "mean")
+    assert torch.isfinite(d["latents"].float()).all() and d["latents"].float().std() > 0
+    assert not os.path.exists(out + ".parts")  # progress is removed once the file is whole
+    # the latents are the VAE's own, unscaled: re-encoding one image in the test gives the same numbers
+    from diffusers import AutoencoderKL
+    import encode_latents as enc
+    vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
+    x = enc.to_square(Image.open(os.path.join(image_tree, "wild", "0.png")), 32).float()[None] / 127.5 - 1
+    with torch.no_grad():
+        ref = vae.encode(x).latent_dist.mean
+    torch.testing.assert_close(d["latents"][12:13].float(), ref, rtol=2e-3, atol=2e-3)
+    # the decode check: originals above reconstructions, 4 of each, and the PSNR
+    assert "PSNR" in p.stdout
+    check = Image.open(str(tmp_path / "lat_check.png"))
+    assert check.size == (2 + 4 * 34, 2 + 2 * 34)
+
+
+def test_encode_preprocessing_resizes_shorter_side_and_center_crops():
+    import encode_latents as enc
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, 30:50] = 255  # a white band in the middle of a wide image
+    x = enc.to_square(Image.fromarray(arr), 20)  # 80x40 -> 40x20 -> the middle 20 columns: the band at 5..15
+    assert x.shape == (3, 20, 20) and x.dtype == torch.uint8
+    assert x[:, :, 7:13].float().mean() > 250 and x[:, :, :3].float().mean() < 5 and x[:, :, 17:].float().mean() < 5
+    g = enc.to_square(Image.fromarray(np.full((8, 8), 100, np.uint8), mode="L"), 16)
+    assert g.shape == (3, 16, 16) and (g == 100).all()  # grayscale repeated to 3 channels
+
+
+def test_encode_mean_is_deterministic_and_sample_draws(image_tree, tiny_vae, tmp_path):
+    outs = {}
+    for name, extra in (("a", []), ("b", []), ("s1", ["--mode", "sample"]), ("s2", ["--mode", "sample"]),
+                        ("s3", ["--mode", "sample", "--seed", 5])):
+        outs[name] = str(tmp_path / f"{name}.pt")
+        run("encode_latents.py", "--images", image_tree, "--vae", tiny_vae, "--size", 32, "--out", outs[name],
+            "--batch_size", 4, "--max_bad", 0.2, *extra)
+    a, b, s1, s2, s3 = (load_pt(outs[k]) for k in ("a", "b", "s1", "s2", "s3"))
+    assert torch.equal(a["latents"], b["latents"])
+    assert s1["mode"] == "sample" and torch.equal(s1["latents"], s2["latents"])  # seeded
+    assert not torch.equal(s1["latents"], a["latents"]) and not torch.equal(s1["latents"], s3["latents"])
+
+
+def test_encode_idx_source(tmp_path, tiny_vae):
+    data = write_tiny_mnist(str(tmp_path / "idx"), n_train=200, n_test=20)
+    out = str(tmp_path / "idx.pt")
+    run("encode_latents.py", "--source", "idx", "--images", data, "--classes", "3,7", "--size", 32,
+        "--vae", tiny_vae, "--out", out, "--max_per_domain", 10)
+    d = load_pt(out)
+    labels = read_labels(os.path.join(data, "train-labels-idx1-ubyte.gz"))
+    assert d["domains"] == ["3", "7"] and d["latents"].shape == (20, 4, 4, 4)
+    assert d["labels"].tolist() == [0] * 10 + [1] * 10
+    for path, lab in zip(d["paths"], d["labels"].tolist()):  # each path names an image of the right class
+        name, i = path.split("#")
+        assert name == "train-images-idx3-ubyte.gz" and labels[int(i)] == (3, 7)[lab]
+
+
+def read_labels(path):
+    import train_mnist_gan
+    return train_mnist_gan.read_idx(path)
+
+
+def test_encode_resume_after_kill_gives_the_same_file(tmp_path, tiny_vae):
+    data = write_tiny_mnist(str(tmp_path / "idx"), n_train=3000, n_test=20)
+    args = ["--source", "idx", "--images", data, "--classes", "1,2,3", "--size", 64, "--vae", tiny_vae,
+            "--batch_size", 8, "--shard_size", 16]
+    straight, killed = str(tmp_path / "straight.pt"), str(tmp_path / "killed.pt")
+    proc = subprocess.Popen([PY, os.path.join(HERE, "encode_latents.py"), *map(str, args), "--out", killed],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(killed + ".parts", "shard_00003.pt")) and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: a power cut
+    proc.wait()
+    shards = [f for f in os.listdir(killed + ".parts") if f.startswith("shard_")]
+    assert not os.path.exists(killed) and 4 <= len(shards) < 56, shards
+    p = run("encode_latents.py", *args, "--out", killed, check=False)  # forgot --resume: told what to do
+    assert_one_line_error(p, "interrupted encode", "--resume")
+    p = run("encode_latents.py", *args, "--out", killed, "--size", 32, "--resume", check=False)
+    assert_one_line_error(p, "--size 64", "delete")
+    p = run("encode_latents.py", *args, "--out", killed, "--resume")
+    assert "resuming:" in p.stdout
+    run("encode_latents.py", *args, "--out", straight)
+    a, b = load_pt(straight), load_pt(killed)
+    assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["labels"], b["labels"]) and a["paths"] == b["paths"]
+
+
+def test_encode_too_many_bad_images_stops(image_tree, tiny_vae, tmp_path):
+    p = run("encode_latents.py", "--images", image_tree, "--vae", tiny_vae, "--size", 32, "--out", tmp_path / "x.pt",
+            check=False)  # 1 of 19 unreadable is over the default 1%
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert "1 of 19 images could not be read" in last and "dog/broken.jpg" in last and "--max_bad" in last
+
+
+def test_encode_bad_input(tmp_path, tiny_vae):
+    base = ["--vae", tiny_vae, "--out", tmp_path / "x.pt", "--size", 32]
+    p = run("encode_latents.py", "--images", tmp_path / "nope", *base, check=False)
+    assert_one_line_error(p, "no such folder")
+    one = tmp_path / "one"
+    os.makedirs(one / "cat")
+    Image.new("RGB", (8, 8)).save(one / "cat" / "a.png")
+    p = run("encode_latents.py", "--images", one, *base, check=False)
+    assert_one_line_error(p, "1 domain folder(s)", "at least 2")
+    os.makedirs(one / "dog")
+    open(one / "dog" / "readme.txt", "w").write("x")
+    p = run("encode_latents.py", "--images", one, *base, check=False)
+    assert_one_line_error(p, "domain 'dog'", "has no images")
+    p = run("encode_latents.py", "--images", one, "--domains", "cat,cow", *base, check=False)
+    assert_one_line_error(p, "no folder cow")
+    data = write_tiny_mnist(str(tmp_path / "idx"), n_train=50, n_test=10)
+    p = run("encode_latents.py", "--source", "idx", "--images", data, "--classes", "3,12", *base, check=False)
+    assert_one_line_error(p, "--classes 12: not among the labels", "0,1,2,3,4,5,6,7,8,9")
+    p = run("encode_latents.py", "--source", "idx", "--images", data, *base, check=False)
+    assert_one_line_error(p, "needs --classes")
+    p = run("encode_latents.py", "--images", data, "--size", 30, "--vae", tiny_vae, check=False)
+    assert_one_line_error(p, "multiple of 8")
+
+
+def test_encode_vae_that_cannot_be_loaded(image_tree, tmp_path):
+    not_a_vae = tmp_path / "empty_folder"
+    os.makedirs(not_a_vae)
+    p = run("encode_latents.py", "--images", image_tree, "--vae", not_a_vae, "--out", tmp_path / "x.pt", check=False)
+    assert_one_line_error(p, "cannot load the VAE", "--vae")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a Hub id on a machine without network
+    p = subprocess.run([PY, os.path.join(HERE, "encode_latents.py"), "--images", image_tree, "--out", str(tmp_path / "x.pt")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    line = assert_one_line_error(p, "cannot load the VAE 'stabilityai/sd-vae-ft-mse'", "hf download stabilityai/sd-vae-ft-mse",
+                                 "--vae sd-vae-ft-mse")
+    assert "Offline?" in line
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_encode_full_size_sd_vae_throughput_on_gpu(tmp_path):
+    # The real SD VAE's shape, randomly initialised, at 256 px in fp16: prints images/s for the record.
+    from diffusers import AutoencoderKL
+    vae_dir = str(tmp_path / "sd_vae")
+    AutoencoderKL(**SD_VAE).save_pretrained(vae_dir)
+    make_image_tree(str(tmp_path / "imgs"))
+    rng = np.random.default_rng(0)
+    for d in ("cat", "dog", "wild"):
+        for i in range(700):
+            Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(tmp_path / "imgs" / d / f"r{i}.jpg")
+    p = run("encode_latents.py", "--images", tmp_path / "imgs", "--vae", vae_dir, "--out", tmp_path / "x.pt",
+            "--batch_size", 64, "--max_bad", 0.01, timeout=600)
+    print(p.stdout.strip().splitlines()[-1])
+    assert "img/s" in p.stdout and load_pt(str(tmp_path / "x.pt"))["latents"].shape[1:] == (4, 32, 32)
