@@ -13,9 +13,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import train_latent_stargan as stargan
 import train_mnist_gan as mnist
 
-torch.set_default_dtype(torch.float64)  # references and copies are compared to 1e-10, not to float32 noise
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64():
+    """References and copies are compared to 1e-10, not to float32 noise (restored after this module)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def logits(n=257, scale=4.0, seed=0):
@@ -200,16 +209,18 @@ def test_gradient_penalty_is_taken_at_interpolates():
 # -----------------------------------------------------------------------------
 # R1 (seed 001's definition): mean over the batch of sum(grad^2), grad = d(sum logits)/dx
 
-def test_r1_of_a_linear_discriminator_is_its_squared_weight_norm():
+@pytest.mark.parametrize("script", [mnist, stargan], ids=["train_mnist_gan", "train_latent_stargan"])
+def test_r1_of_a_linear_discriminator_is_its_squared_weight_norm(script):
     D = LinearD(12, seed=3)
     x = torch.randn(10, 3, 2, 2, requires_grad=True)
-    r1 = mnist.r1_penalty(D(x), x)
+    r1 = script.r1_penalty(D(x), x)
     torch.testing.assert_close(r1, D.w.pow(2).sum())
     grad_w, = torch.autograd.grad(r1, D.w)  # it is differentiable in D's weights: d/dw ||w||^2 = 2w
     torch.testing.assert_close(grad_w, 2 * D.w)
 
 
-def test_r1_matches_seed001_snippet():
+@pytest.mark.parametrize("script", [mnist, stargan], ids=["train_mnist_gan", "train_latent_stargan"])
+def test_r1_matches_seed001_snippet(script):
     # seed 001: grad = d(sum logits)/dx; flatten; mean(sum(grad^2))
     torch.manual_seed(0)
     D = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -217,7 +228,7 @@ def test_r1_matches_seed001_snippet():
     out = D(x)
     grad = torch.autograd.grad(out.sum(), x, create_graph=True)[0]
     ref = grad.view(grad.size(0), -1).pow(2).sum(1).mean()
-    torch.testing.assert_close(mnist.r1_penalty(out, x), ref)
+    torch.testing.assert_close(script.r1_penalty(out, x), ref)
 
 
 # -----------------------------------------------------------------------------
@@ -242,14 +253,135 @@ def test_every_loss_returns_a_scalar_and_unknown_ones_fail():
 
 
 # -----------------------------------------------------------------------------
+# seed 001: the latent StarGAN's losses (loss.py) and schedule (trainer.py), as the seed writes them
+
+def seed001_d_hinge_loss(real, fake):
+    return torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
+
+
+def seed001_g_adversarial_loss(fake_logits):
+    return -torch.mean(fake_logits)
+
+
+def seed001_lambda_ds(epoch, w_ds, ds_decay_epochs):
+    total_decay = ds_decay_epochs
+    progress = min(max((epoch - 1) / total_decay, 0), 1)  # clamp((epoch - 1) / total_decay, 0, 1)
+    return w_ds * (1 - progress)
+
+
+def l1(a, b):
+    return torch.mean(torch.abs(a - b))
+
+
+def test_stargan_adversarial_losses_match_seed001():
+    r, f = logits(seed=12), logits(seed=13)
+    torch.testing.assert_close(stargan.d_hinge_loss(r, f), seed001_d_hinge_loss(r, f))
+    torch.testing.assert_close(stargan.g_adversarial_loss(f), seed001_g_adversarial_loss(f))
+    # seed 001: "when D's logits are all about 0, relu(1 - 0) = 1 and relu(1 + 0) = 1, so the hinge loss is about 2"
+    zero = torch.zeros(16)
+    assert stargan.d_hinge_loss(zero, zero).item() == 2.0
+    # and d_loss = 0.5 * (d_loss_ref + d_loss_lat) is 2 as well when every logit is 0
+    assert 0.5 * (stargan.d_hinge_loss(zero, zero) + stargan.d_hinge_loss(zero, zero)).item() == 2.0
+    # the hinge saturates: logits past the margin (real > 1, fake < -1) cost nothing
+    assert stargan.d_hinge_loss(torch.full((4,), 3.0), torch.full((4,), -2.0)).item() == 0.0
+
+
+def test_stargan_l1_terms_match_seed001():
+    a, b = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    s, t = torch.randn(4, 64), torch.randn(4, 64)
+    torch.testing.assert_close(stargan.style_reconstruction_loss(s, t), l1(s, t))
+    torch.testing.assert_close(stargan.cycle_consistency_loss(a, b), l1(a, b))
+    torch.testing.assert_close(stargan.identity_loss(a, b), l1(a, b))
+    torch.testing.assert_close(stargan.diversity_sensitive_loss(a, b), l1(a, b))
+    torch.testing.assert_close(stargan.diversity_sensitive_loss(a, b, margin=10.0), l1(a, b))  # under the margin
+
+
+def test_stargan_ds_is_clamped_at_the_margin():
+    a = torch.zeros(2, 4, 4, 4, requires_grad=True)
+    b = torch.full((2, 4, 4, 4), 3.0)  # L1 distance 3
+    ds = stargan.diversity_sensitive_loss(a, b, margin=1.5)
+    assert ds.item() == 1.5
+    grad, = torch.autograd.grad(ds, a)  # past the margin, ds no longer pushes the outputs apart
+    assert grad.abs().max() == 0
+    assert stargan.diversity_sensitive_loss(a, b, margin=None).item() == 3.0
+
+
+def test_lambda_ds_decays_to_zero_at_ds_decay_epochs_plus_one():
+    # seed 001: with ds_decay_epochs 20, w_ds at epoch 1, and 0 from epoch 21 on
+    got = [stargan.lambda_ds(e, 1.0, 20) for e in (1, 11, 21, 30)]
+    assert got == [1.0, 0.5, 0.0, 0.0]
+    for w_ds, decay in ((1.0, 20), (2.0, 5), (0.5, 1), (1.0, 3)):
+        for e in range(1, 40):
+            assert stargan.lambda_ds(e, w_ds, decay) == pytest.approx(seed001_lambda_ds(e, w_ds, decay), abs=1e-15)
+    assert stargan.lambda_ds(50, 1.0, 0) == 1.0  # 0: no decay (the seed's formula would divide by zero)
+
+
+def tiny_stargan(seed=0, size=8, K=3):
+    torch.manual_seed(seed)
+    return (stargan.Generator(4, dim=16, style_dim=8, n_blocks=4, n_down=1),
+            stargan.StyleEncoder(4, size, style_dim=8, num_domains=K, dim=8),
+            stargan.MappingNetwork(latent_dim=4, style_dim=8, num_domains=K, hidden=16),
+            stargan.Discriminator(4, size, num_domains=K, dim=8))
+
+
+def test_stargan_networks_pick_the_domain_head():
+    G, E, F_, D = tiny_stargan()
+    x, z = torch.randn(5, 4, 8, 8), torch.randn(5, 4)
+    y = torch.tensor([0, 2, 1, 2, 0])
+    s = E(x, y)
+    assert s.shape == (5, 8) and G(x, s).shape == x.shape and D(x, y).shape == (5,)
+    all_styles = E.heads(E.trunk(x).flatten(1)).view(5, 3, 8)  # every domain's head
+    torch.testing.assert_close(s, all_styles[torch.arange(5), y])
+    D.eval()
+    all_logits = D.head(D.trunk(x)).flatten(1)
+    torch.testing.assert_close(D(x, y), all_logits[torch.arange(5), y])
+    for k in range(3):  # F's head k is the one used for domain k
+        torch.testing.assert_close(F_(z, torch.full((5,), k)), F_.heads[k](F_.shared(z)))
+
+
+def test_stargan_batched_calls_equal_separate_calls():
+    # The training step concatenates inputs along the batch (e.g. D(cat[x_ref, fake_ref, fake_lat])): exact only
+    # because no network has a batch-dependent layer (instance norm is per sample, there is no batch norm).
+    G, E, F_, D = tiny_stargan(seed=1)
+    D.eval()  # in train mode spectral norm takes a power-iteration step per call: compare one call with one call
+    a, b = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    ya, yb = torch.tensor([0, 1, 2]), torch.tensor([2, 2, 1])
+    sa, sb = torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(G(torch.cat([a, b]), torch.cat([sa, sb])), torch.cat([G(a, sa), G(b, sb)]))
+    torch.testing.assert_close(E(torch.cat([a, b]), torch.cat([ya, yb])), torch.cat([E(a, ya), E(b, yb)]))
+    torch.testing.assert_close(D(torch.cat([a, b]), torch.cat([ya, yb])), torch.cat([D(a, ya), D(b, yb)]))
+    za, zb = torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(F_(torch.cat([za, zb]), torch.cat([ya, yb])), torch.cat([F_(za, ya), F_(zb, yb)]))
+
+
+def test_stargan_generator_output_is_linear():
+    # No tanh at G's output: SD latents are unbounded. A big enough shift leaves [-1, 1].
+    G = tiny_stargan()[0]
+    with torch.no_grad():
+        G.to_latent[-1].bias.fill_(5.0)
+    assert G(torch.randn(2, 4, 8, 8), torch.randn(2, 8)).min() > 1.5
+
+
+def test_stargan_r1_on_its_discriminator():
+    # R1 through the real D, float32: finite, positive, and differentiable in D's weights (the double backward)
+    D = tiny_stargan()[3].float()
+    x = torch.randn(4, 4, 8, 8, dtype=torch.float32, requires_grad=True)
+    r1 = stargan.r1_penalty(D(x, torch.tensor([0, 1, 2, 0])), x)
+    assert r1.item() > 0
+    grads = torch.autograd.grad(r1, [p for p in D.parameters() if p.requires_grad], allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# -----------------------------------------------------------------------------
 # copies: a function two scripts share is written identically in both
 
 SHARED = {  # function -> the scripts that carry a copy of it
-    "r1_penalty": ["train_mnist_gan"],
+    "r1_penalty": ["train_mnist_gan", "train_latent_stargan"],
     "read_idx": ["train_mnist_gan", "encode_latents"],
-    "save_json_atomic": ["train_mnist_gan", "encode_latents"],
-    "save_torch_atomic": ["train_mnist_gan", "encode_latents"],
-    "save_grid": ["train_mnist_gan", "encode_latents"],
+    "load_vae": ["encode_latents", "train_latent_stargan"],
+    "save_json_atomic": ["train_mnist_gan", "encode_latents", "train_latent_stargan"],
+    "save_torch_atomic": ["train_mnist_gan", "encode_latents", "train_latent_stargan"],
+    "save_grid": ["train_mnist_gan", "encode_latents", "train_latent_stargan"],
 }
 
 

@@ -569,3 +569,162 @@ def test_encode_full_size_sd_vae_throughput_on_gpu(tmp_path):
             "--batch_size", 64, "--max_bad", 0.01, timeout=600)
     print(p.stdout.strip().splitlines()[-1])
     assert "img/s" in p.stdout and load_pt(str(tmp_path / "x.pt"))["latents"].shape[1:] == (4, 32, 32)
+
+
+# -----------------------------------------------------------------------------
+# train_latent_stargan.py, on latents that encode_latents.py makes from a tiny IDX set with the tiny VAE
+
+STARGAN_TINY = ["--g_dim", 16, "--g_blocks", 2, "--e_dim", 8, "--d_dim", 8, "--f_dim", 16, "--style_dim", 8,
+                "--latent_dim", 4, "--batch_size", 8, "--epoch_size", 32, "--n_samples", 2, "--device", "cpu"]
+STARGAN_KEYS = {"epoch", "step", "d_loss", "g_loss", "g_adv", "sty", "ds", "cyc", "id", "r1", "d_real", "d_fake",
+                "lambda_ds", "imgs_per_sec", "time"}
+
+
+@pytest.fixture(scope="session")
+def tiny_latents(tmp_path_factory, tiny_vae):
+    folder = tmp_path_factory.mktemp("tiny_latents")
+    data = write_tiny_mnist(str(folder / "idx"), n_train=300, n_test=10)
+    out = str(folder / "lat.pt")
+    run("encode_latents.py", "--source", "idx", "--images", data, "--classes", "0,1,2", "--size", 32,
+        "--vae", tiny_vae, "--out", out, "--max_per_domain", 20)
+    return out
+
+
+def stargan(latents, out_dir, *extra, check=True):
+    return run("train_latent_stargan.py", "--data", latents, "--out_dir", out_dir, *STARGAN_TINY, *map(str, extra), check=check)
+
+
+def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
+    out = str(tmp_path / "s")
+    p = stargan(tiny_latents, out, "--epochs", 3, "--ds_decay_epochs", 2, "--r1_interval", 2, "--log_interval", 2,
+                "--w_sty", 0.5, "--w_cyc", 2)
+    assert "0, 1, 2: 57 training and 3 held-out latents 4x4x4, 4 steps/epoch" in p.stdout
+    log = load_log(out)
+    assert log["script"] == "train_latent_stargan.py"
+    for k in ("w_adv", "w_sty", "w_ds", "ds_decay_epochs", "ds_margin", "w_cyc", "w_id", "w_r1", "r1_interval",
+              "latent_scale", "epoch_size", "batch_size", "lr", "f_lr", "betas", "weight_decay", "ema", "seed", "compile"):
+        assert k in log["config"], k
+    recs = log["records"]
+    assert [r["epoch"] for r in recs] == [1, 2, 3] and [r["step"] for r in recs] == [4, 8, 12]
+    assert [r["lambda_ds"] for r in recs] == [1.0, 0.5, 0.0]  # ds_decay_epochs 2: w_ds, w_ds/2, then 0 from epoch 3
+    cfg = log["config"]
+    for r in recs:
+        assert set(r) == STARGAN_KEYS, set(r) ^ STARGAN_KEYS
+        assert all(np.isfinite(v) for v in r.values())
+        # g_loss is the weighted sum seed 001 writes; lambda_ds is constant in an epoch, so the means obey it too
+        expect = (cfg["w_adv"] * r["g_adv"] + cfg["w_sty"] * r["sty"] + cfg["w_cyc"] * r["cyc"] + cfg["w_id"] * r["id"]
+                  - r["lambda_ds"] * r["ds"])
+        assert r["g_loss"] == pytest.approx(expect, rel=1e-5, abs=1e-6)
+        assert r["r1"] > 0 and r["id"] > 0 and r["ds"] >= 0 and r["cyc"] > 0
+        assert 0 < r["d_loss"] < 4  # hinge near 2 at the start
+    for kind in ("ref", "lat"):
+        for e in (1, 2, 3):
+            path = os.path.join(out, "samples", f"{kind}_epoch00{e}.png")
+            img = np.asarray(Image.open(path).convert("RGB"))
+            rows = 3 if kind == "ref" else 2  # ref: a row of references above the 2 sources
+            assert img.shape == (2 + rows * 34, 2 + 4 * 34, 3)  # 32 px decoded cells, 2 px padding, 1 + 3 domains
+            assert img.std() > 5
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert {"G", "E", "F", "D", "G_ema", "E_ema", "F_ema", "opt_G", "opt_D", "scaler_G", "scaler_D", "rng_cpu"} <= set(ck)
+    assert ck["step"] == 12 and ck["epoch"] == 4
+
+
+def test_stargan_r1_is_zero_off_interval_and_id_when_unweighted(tiny_latents, tmp_path):
+    out = str(tmp_path / "s")
+    stargan(tiny_latents, out, "--epochs", 2, "--r1_interval", 100, "--w_id", 0)
+    recs = load_log(out)["records"]
+    # R1 runs at step 0 only (step % 100 == 0): epoch 1 averages one R1 value with 3 zeros, epoch 2 is all zeros
+    assert recs[0]["r1"] > 0 and recs[1]["r1"] == 0.0
+    assert all(r["id"] == 0.0 for r in recs)
+
+
+def test_stargan_resume_is_exact(tiny_latents, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    extra = ["--ds_decay_epochs", 2, "--r1_interval", 3]
+    stargan(tiny_latents, a, "--epochs", 3, *extra)
+    stargan(tiny_latents, b, "--epochs", 1, *extra)
+    p = run("train_latent_stargan.py", "--resume", "--out_dir", b, "--epochs", 3)
+    assert "resumed from" in p.stdout
+    keys = ["epoch", "step", "d_loss", "g_loss", "g_adv", "sty", "ds", "cyc", "id", "r1", "lambda_ds"]
+    ra, rb = load_log(a)["records"], load_log(b)["records"]
+    np.testing.assert_allclose([[r[k] for k in keys] for r in rb], [[r[k] for k in keys] for r in ra], rtol=1e-5, atol=1e-6)
+    ka, kb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (a, b))
+    for net in ("G", "D", "G_ema", "F"):
+        for k in ka[net]:
+            torch.testing.assert_close(kb[net][k], ka[net][k], rtol=1e-5, atol=1e-6)
+
+
+def test_stargan_without_a_vae_saves_latent_mosaics(tiny_latents, tmp_path):
+    d = load_pt(tiny_latents)
+    d["vae"] = str(tmp_path / "gone")  # the VAE the file names is not here
+    moved = str(tmp_path / "moved.pt")
+    torch.save(d, moved)
+    out = str(tmp_path / "s")
+    p = stargan(moved, out, "--epochs", 1)
+    notes = [l for l in p.stdout.splitlines() if l.startswith("samples:")]
+    assert len(notes) == 1 and "cannot load the VAE" in notes[0] and "2x2 grayscale mosaic" in notes[0]
+    img = Image.open(os.path.join(out, "samples", "lat_epoch001.png"))
+    assert img.mode == "L" and img.size == ((2 + 4 * 10) * 16, (2 + 2 * 10) * 16)  # 8x8 mosaics + 2 px padding, scaled 16x
+
+
+def test_stargan_warns_on_a_latent_scale_unlike_the_files(tiny_latents, tmp_path):
+    p = stargan(tiny_latents, str(tmp_path / "s"), "--epochs", 1, "--latent_scale", 0.13025)
+    assert "warning: --latent_scale 0.13025 differs from the scaling_factor 0.18215" in p.stderr
+
+
+def test_stargan_bad_input(tiny_latents, tmp_path):
+    def bad(d, name):
+        path = str(tmp_path / name)
+        torch.save(d, path)
+        return path
+    good = load_pt(tiny_latents)
+    cases = [
+        (str(tmp_path / "missing.pt"), ["no such file", "encode_latents.py"]),
+        (bad({"weights": torch.zeros(3)}, "foreign.pt"), ["not a latents file of encode_latents.py"]),
+        (bad({**good, "labels": torch.zeros_like(good["labels"]), "domains": ["0"]}, "one.pt"), ["1 domain", "at least 2"]),
+        (bad({**good, "latents": good["latents"].flatten(2)}, "rank.pt"), ["expected (N, C, H, W)"]),
+    ]
+    open(tmp_path / "junk.pt", "wb").write(b"junk")
+    cases.append((str(tmp_path / "junk.pt"), ["cannot be loaded"]))
+    for path, needles in cases:
+        assert_one_line_error(stargan(path, str(tmp_path / "o"), "--epochs", 1, check=False), *needles)
+    for flags, needle in ((["--g_blocks", 3], "--g_blocks must be even"), (["--epoch_size", 4], "counts samples"),
+                          (["--w_ds", -1], "--w_ds must be zero or positive"), (["--r1_interval", 0], "--r1_interval must be at least 1")):
+        assert_one_line_error(stargan(tiny_latents, str(tmp_path / "o"), *flags, check=False), needle)
+
+
+def test_stargan_nan_names_the_step_and_the_loss(tiny_latents, tmp_path):
+    out = str(tmp_path / "s")
+    stargan(tiny_latents, out, "--epochs", 1)
+    p = run("train_latent_stargan.py", "--resume", "--out_dir", out, "--epochs", 3, "--lr", 1e30, check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert "non-finite" in last and "at step" in last and "last good checkpoint" in last and "(step 4)" in last, last
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
+
+
+def test_stargan_compiled_bf16_path_on_cpu(tiny_latents, tmp_path, monkeypatch):
+    # The CUDA configuration (torch.compile of G, E, F and D, bf16 autocast, R1 through the raw D) run in-process
+    # on the CPU. The aot_eager backend traces and differentiates the same graphs as on a GPU; only the CPU code
+    # generation is left out, which would take minutes here and is not what a GPU runs anyway.
+    import functools
+    import train_latent_stargan as sg
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    out = str(tmp_path / "c")
+    sg.main(list(map(str, ["--data", tiny_latents, "--out_dir", out, *STARGAN_TINY, "--epochs", 2, "--r1_interval", 2,
+             "--compile", "--dtype", "bfloat16"])))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    recs = load_log(out)["records"]
+    assert len(recs) == 2 and recs[0]["r1"] > 0 and all(np.isfinite(r["g_loss"]) and np.isfinite(r["d_loss"]) for r in recs)
+    assert load_log(out)["config"]["compile"] is True
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in ck["G"])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_stargan_on_gpu(tiny_latents, tmp_path):
+    out = str(tmp_path / "gpu")
+    p = run("train_latent_stargan.py", "--data", tiny_latents, "--out_dir", out, *STARGAN_TINY[:-2], "--epochs", 2,
+            "--device", "cuda", "--r1_interval", 2, timeout=900)
+    assert "bfloat16 compiled" in p.stdout
+    assert all(np.isfinite(r["d_loss"]) and r["r1"] > 0 for r in load_log(out)["records"])
