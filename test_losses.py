@@ -373,6 +373,75 @@ def test_stargan_r1_on_its_discriminator():
 
 
 # -----------------------------------------------------------------------------
+# evaluation metrics (issue: sample quality and mode coverage), identical in both trainers
+
+METRIC_SCRIPTS = [mnist, stargan]
+
+
+def random_cov(d, seed, rank=None):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, rank or d, generator=g).numpy()
+    return a @ a.T / (rank or d)
+
+
+@pytest.mark.parametrize("script", METRIC_SCRIPTS, ids=["train_mnist_gan", "train_latent_stargan"])
+def test_frechet_distance(script):
+    import numpy as np
+    fd = script.frechet_distance
+    mu, s = np.arange(5.0), random_cov(5, 0)
+    assert abs(fd(mu, s, mu, s)) < 1e-9  # identical Gaussians
+    # diagonal Gaussians: ||mu1 - mu2||^2 + sum (sigma1 - sigma2)^2
+    m1, m2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    v1, v2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    expect = ((m1 - m2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert fd(m1, np.diag(v1), m2, np.diag(v2)) == pytest.approx(expect, rel=1e-12)
+    assert fd([0.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(9 + (2 - 1) ** 2, rel=1e-12)  # 1-D: (m1-m2)^2 + (s1-s2)^2
+    # general covariances: tr sqrt(s1 s2) from the eigenvalues of s1 s2 (the usual sqrtm formula)
+    s1, s2, mu2 = random_cov(8, 1), random_cov(8, 2), np.linspace(-1, 1, 8)
+    tr_sqrt = np.sqrt(np.linalg.eigvals(s1 @ s2).astype(complex)).real.sum()
+    ref = ((np.zeros(8) - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert fd(np.zeros(8), s1, mu2, s2) == pytest.approx(ref, rel=1e-9)
+    assert fd(np.zeros(8), s1, mu2, s2) == pytest.approx(fd(mu2, s2, np.zeros(8), s1), rel=1e-9)  # symmetric
+    # rank-deficient covariances (fewer samples than features) stay finite and non-negative
+    low = fd(np.zeros(8), random_cov(8, 3, rank=2), np.zeros(8), random_cov(8, 4, rank=3))
+    assert np.isfinite(low) and low > 0
+
+
+def mmd2_unbiased_loops(x, y):
+    """The unbiased MMD^2 of Binkowski et al. with k(a, b) = (a.b / d + 1)^3, written out with loops."""
+    d, m = len(x[0]), len(x)
+    k = lambda a, b: (sum(p * q for p, q in zip(a, b)) / d + 1) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+@pytest.mark.parametrize("script", METRIC_SCRIPTS, ids=["train_mnist_gan", "train_latent_stargan"])
+def test_kid(script):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 3)), rng.normal(1.0, 1.0, size=(12, 3))
+    # one subset holding every sample: exactly the unbiased MMD^2
+    assert script.kid(x, y, n_subsets=1, subset_size=12) == pytest.approx(mmd2_unbiased_loops(x.tolist(), y.tolist()), rel=1e-10)
+    a, b = rng.normal(size=(2000, 16)), rng.normal(size=(2000, 16))
+    same, shifted = script.kid(a, b, n_subsets=20, subset_size=500), script.kid(a, b + 0.5, n_subsets=20, subset_size=500)
+    assert abs(same) < 0.01 and shifted > 0.1  # near 0 for one distribution, clearly positive for two
+    assert abs(script.kid(a, a, n_subsets=20, subset_size=500)) < 0.01
+
+
+@pytest.mark.parametrize("script", METRIC_SCRIPTS, ids=["train_mnist_gan", "train_latent_stargan"])
+def test_classifier_score(script):
+    import numpy as np
+    one_hot = np.eye(10)[np.arange(1000) % 10]  # confident, every class equally often
+    assert script.classifier_score(one_hot) == pytest.approx(10, rel=1e-6)
+    assert script.classifier_score(np.eye(10)[np.zeros(1000, int)]) == pytest.approx(1, rel=1e-6)  # one class
+    assert script.classifier_score(np.full((100, 10), 0.1)) == pytest.approx(1, rel=1e-9)  # no confidence
+    half = np.eye(10)[np.arange(1000) % 5]  # confident, 5 classes
+    assert script.classifier_score(half) == pytest.approx(5, rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
 # copies: a function two scripts share is written identically in both
 
 SHARED = {  # function -> the scripts that carry a copy of it
@@ -382,6 +451,11 @@ SHARED = {  # function -> the scripts that carry a copy of it
     "save_json_atomic": ["train_mnist_gan", "encode_latents", "train_latent_stargan"],
     "save_torch_atomic": ["train_mnist_gan", "encode_latents", "train_latent_stargan"],
     "save_grid": ["train_mnist_gan", "encode_latents", "train_latent_stargan"],
+    "frechet_distance": ["train_mnist_gan", "train_latent_stargan"],
+    "kid": ["train_mnist_gan", "train_latent_stargan"],
+    "classifier_score": ["train_mnist_gan", "train_latent_stargan"],
+    "embed": ["train_mnist_gan", "train_latent_stargan"],
+    "gaussian": ["train_mnist_gan", "train_latent_stargan"],
 }
 
 

@@ -95,7 +95,7 @@ def tiny_mnist(tmp_path_factory):
 
 def mnist_args(data_dir, out_dir, *extra):
     return ["--data_dir", data_dir, "--out_dir", out_dir, "--batch_size", 32, "--log_interval", 4,
-            "--sample_interval", 8, "--device", "cpu", "--seed", 1, *extra]
+            "--sample_interval", 8, "--device", "cpu", "--seed", 1, "--eval_interval", 0, *extra]
 
 
 def check_grid(path, size=304):
@@ -166,12 +166,16 @@ def records_losses(log):
 
 
 def test_mnist_gan_resume_is_exact(tiny_mnist, tmp_path):
+    # with an evaluation every epoch: the classifier trained in the middle of run b must not move training's RNG
     a, b, c = str(tmp_path / "straight"), str(tmp_path / "resumed"), str(tmp_path / "midepoch")
-    run("train_mnist_gan.py", *mnist_args(tiny_mnist, a, "--epochs", 2))
-    run("train_mnist_gan.py", *mnist_args(tiny_mnist, b, "--epochs", 1))
-    p = run("train_mnist_gan.py", "--resume", "--out_dir", b, "--epochs", 2)  # other flags from the checkpoint
+    ev = ["--eval_interval", 1, "--eval_samples", 200]
+    run("train_mnist_gan.py", *mnist_args(tiny_mnist, a, "--epochs", 3, *ev))
+    run("train_mnist_gan.py", *mnist_args(tiny_mnist, b, "--epochs", 1, *ev))
+    p = run("train_mnist_gan.py", "--resume", "--out_dir", b, "--epochs", 3)  # other flags from the checkpoint
     assert "resumed from" in p.stdout and "at step 16" in p.stdout
-    run("train_mnist_gan.py", *mnist_args(tiny_mnist, c, "--epochs", 2, "--max_iters", 5))  # stops inside epoch 1
+    assert "evaluation classifier: trained" not in p.stdout  # the cached classifier is reused
+    assert [r["fd"] for r in load_log(b)["records"]] == pytest.approx([r["fd"] for r in load_log(a)["records"]], rel=1e-6)
+    run("train_mnist_gan.py", *mnist_args(tiny_mnist, c, "--epochs", 3, "--max_iters", 5, *ev))  # stops inside epoch 1
     run("train_mnist_gan.py", "--resume", "--out_dir", c, "--max_iters", 0)
     ref = records_losses(load_log(a))
     for other in (b, c):
@@ -200,6 +204,35 @@ def test_mnist_gan_ctrl_c_saves_and_resumes(tiny_mnist, tmp_path):
     run("train_mnist_gan.py", "--resume", "--out_dir", b)
     run("train_mnist_gan.py", *mnist_args(tiny_mnist, a, "--epochs", 40, "--log_interval", 16, "--sample_interval", 10000))
     np.testing.assert_allclose(records_losses(load_log(b)), records_losses(load_log(a)), rtol=1e-6, atol=1e-7)
+
+
+MNIST_EVAL = {"fd", "kid", "is", "modes", "kl_uniform"}
+MNIST_EVAL_ONCE = {"clf_acc", "fd_real", "kid_real", "is_real"}
+
+
+def test_mnist_gan_evaluation(tiny_mnist, tmp_path):
+    out = str(tmp_path / "ev")
+    p = run("train_mnist_gan.py", *mnist_args(tiny_mnist, out, "--epochs", 3, "--eval_interval", 2, "--eval_samples", 300))
+    assert "evaluation classifier: trained" in p.stdout and "warning" not in p.stderr
+    assert p.stdout.count("eval epoch") == 2  # epoch 2, and the end of the run (epoch 3)
+    recs = load_log(out)["records"]
+    assert MNIST_EVAL | MNIST_EVAL_ONCE <= set(recs[1]) and not (MNIST_EVAL | MNIST_EVAL_ONCE) & set(recs[0])
+    assert MNIST_EVAL <= set(recs[2]) and not MNIST_EVAL_ONCE & set(recs[2])  # the reference figures: once
+    r = recs[1]
+    assert r["clf_acc"] > 0.9  # the tiny set's classes are easy: the figures mean something
+    assert r["fd"] > 0 and r["fd_real"] >= 0 and r["fd"] > r["fd_real"]  # an untrained-ish G is far from real data
+    assert 1 <= r["is"] <= 10 and 1 <= r["is_real"] <= 10 and 0 <= r["modes"] <= 10 and r["kl_uniform"] >= 0
+    assert len([f for f in os.listdir(out) if f.startswith("classifier_")]) == 1
+
+
+def test_mnist_gan_warns_when_the_classifier_cannot_classify(tmp_path):
+    d = write_tiny_mnist(str(tmp_path / "shuffled"), n_train=256, n_test=128)
+    rng = np.random.default_rng(0)  # labels that have nothing to do with the images
+    for name, n in (("train-labels-idx1-ubyte.gz", 256), ("t10k-labels-idx1-ubyte.gz", 128)):
+        write_idx(os.path.join(d, name), rng.integers(0, 10, n).astype(np.uint8))
+    p = run("train_mnist_gan.py", *mnist_args(d, str(tmp_path / "o"), "--max_iters", 8, "--eval_interval", 1,
+                                              "--eval_samples", 100))
+    assert "warning: the evaluation classifier's test accuracy is" in p.stderr and "mean little" in p.stderr
 
 
 def test_mnist_gan_nan_stops_and_keeps_the_checkpoint(tiny_mnist, tmp_path):
@@ -248,6 +281,9 @@ def test_mnist_gan_resume_errors(tiny_mnist, tmp_path):
     (out / "ckpt.pt").write_bytes(b"not a torch file")
     p = run("train_mnist_gan.py", *mnist_args(tiny_mnist, str(out)), "--resume", check=False)
     assert_one_line_error(p, "cannot be loaded")
+    run("train_mnist_gan.py", *mnist_args(tiny_mnist, str(out), "--max_iters", 2))
+    p = run("train_mnist_gan.py", "--resume", "--out_dir", out, "--loss", "wgan", check=False)
+    assert_one_line_error(p, "--loss wgan differs from the checkpoint's bce", "new --out_dir")
 
 
 def test_mnist_gan_missing_data_offline(tmp_path):
@@ -575,9 +611,12 @@ def test_encode_full_size_sd_vae_throughput_on_gpu(tmp_path):
 # train_latent_stargan.py, on latents that encode_latents.py makes from a tiny IDX set with the tiny VAE
 
 STARGAN_TINY = ["--g_dim", 16, "--g_blocks", 2, "--e_dim", 8, "--d_dim", 8, "--f_dim", 16, "--style_dim", 8,
-                "--latent_dim", 4, "--batch_size", 8, "--epoch_size", 32, "--n_samples", 2, "--device", "cpu"]
+                "--latent_dim", 4, "--batch_size", 8, "--epoch_size", 32, "--n_samples", 2, "--eval_interval", 0,
+                "--device", "cpu"]
 STARGAN_KEYS = {"epoch", "step", "d_loss", "g_loss", "g_adv", "sty", "ds", "cyc", "id", "r1", "d_real", "d_fake",
                 "lambda_ds", "imgs_per_sec", "time"}
+STARGAN_EVAL = {"acc_ref", "acc_lat", "fd_0", "fd_1", "fd_2", "fd_mean", "div", "cyc_err"}
+STARGAN_EVAL_ONCE = {"clf_acc", "fd_real"}
 
 
 @pytest.fixture(scope="session")
@@ -597,8 +636,8 @@ def stargan(latents, out_dir, *extra, check=True):
 def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
     out = str(tmp_path / "s")
     p = stargan(tiny_latents, out, "--epochs", 3, "--ds_decay_epochs", 2, "--r1_interval", 2, "--log_interval", 2,
-                "--w_sty", 0.5, "--w_cyc", 2)
-    assert "0, 1, 2: 57 training and 3 held-out latents 4x4x4, 4 steps/epoch" in p.stdout
+                "--w_sty", 0.5, "--w_cyc", 2, "--eval_interval", 2)
+    assert "0, 1, 2: 54 training and 6 held-out latents 4x4x4, 4 steps/epoch" in p.stdout
     log = load_log(out)
     assert log["script"] == "train_latent_stargan.py"
     for k in ("w_adv", "w_sty", "w_ds", "ds_decay_epochs", "ds_margin", "w_cyc", "w_id", "w_r1", "r1_interval",
@@ -608,8 +647,10 @@ def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
     assert [r["epoch"] for r in recs] == [1, 2, 3] and [r["step"] for r in recs] == [4, 8, 12]
     assert [r["lambda_ds"] for r in recs] == [1.0, 0.5, 0.0]  # ds_decay_epochs 2: w_ds, w_ds/2, then 0 from epoch 3
     cfg = log["config"]
+    evaluated = {2: STARGAN_EVAL | STARGAN_EVAL_ONCE, 3: STARGAN_EVAL}  # epoch 2, and the end (the reference: once)
     for r in recs:
-        assert set(r) == STARGAN_KEYS, set(r) ^ STARGAN_KEYS
+        keys = STARGAN_KEYS | evaluated.get(r["epoch"], set())
+        assert set(r) == keys, set(r) ^ keys
         assert all(np.isfinite(v) for v in r.values())
         # g_loss is the weighted sum seed 001 writes; lambda_ds is constant in an epoch, so the means obey it too
         expect = (cfg["w_adv"] * r["g_adv"] + cfg["w_sty"] * r["sty"] + cfg["w_cyc"] * r["cyc"] + cfg["w_id"] * r["id"]
@@ -624,6 +665,11 @@ def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
             rows = 3 if kind == "ref" else 2  # ref: a row of references above the 2 sources
             assert img.shape == (2 + rows * 34, 2 + 4 * 34, 3)  # 32 px decoded cells, 2 px padding, 1 + 3 domains
             assert img.std() > 5
+    for r in recs[1:]:
+        assert 0 <= r["acc_ref"] <= 1 and 0 <= r["acc_lat"] <= 1 and r["div"] >= 0 and r["cyc_err"] > 0
+        assert r["fd_mean"] == pytest.approx(np.mean([r["fd_0"], r["fd_1"], r["fd_2"]]))
+    assert 0 <= recs[1]["clf_acc"] <= 1 and recs[1]["fd_real"] >= 0
+    assert len([f for f in os.listdir(out) if f.startswith("classifier_")]) == 1
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert {"G", "E", "F", "D", "G_ema", "E_ema", "F_ema", "opt_G", "opt_D", "scaler_G", "scaler_D", "rng_cpu"} <= set(ck)
     assert ck["step"] == 12 and ck["epoch"] == 4
@@ -640,12 +686,12 @@ def test_stargan_r1_is_zero_off_interval_and_id_when_unweighted(tiny_latents, tm
 
 def test_stargan_resume_is_exact(tiny_latents, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    extra = ["--ds_decay_epochs", 2, "--r1_interval", 3]
+    extra = ["--ds_decay_epochs", 2, "--r1_interval", 3, "--eval_interval", 1]  # evaluation must not move training's RNG
     stargan(tiny_latents, a, "--epochs", 3, *extra)
     stargan(tiny_latents, b, "--epochs", 1, *extra)
     p = run("train_latent_stargan.py", "--resume", "--out_dir", b, "--epochs", 3)
     assert "resumed from" in p.stdout
-    keys = ["epoch", "step", "d_loss", "g_loss", "g_adv", "sty", "ds", "cyc", "id", "r1", "lambda_ds"]
+    keys = ["epoch", "step", "d_loss", "g_loss", "g_adv", "sty", "ds", "cyc", "id", "r1", "lambda_ds", "fd_mean", "acc_lat", "div"]
     ra, rb = load_log(a)["records"], load_log(b)["records"]
     np.testing.assert_allclose([[r[k] for k in keys] for r in rb], [[r[k] for k in keys] for r in ra], rtol=1e-5, atol=1e-6)
     ka, kb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (a, b))
@@ -688,9 +734,21 @@ def test_stargan_bad_input(tiny_latents, tmp_path):
     cases.append((str(tmp_path / "junk.pt"), ["cannot be loaded"]))
     for path, needles in cases:
         assert_one_line_error(stargan(path, str(tmp_path / "o"), "--epochs", 1, check=False), *needles)
-    for flags, needle in ((["--g_blocks", 3], "--g_blocks must be even"), (["--epoch_size", 4], "counts samples"),
+    for flags, needle in ((["--val_fraction", 0, "--eval_interval", 1], "evaluation needs held-out latents"),
+                          (["--g_blocks", 3], "--g_blocks must be even"), (["--epoch_size", 4], "counts samples"),
                           (["--w_ds", -1], "--w_ds must be zero or positive"), (["--r1_interval", 0], "--r1_interval must be at least 1")):
         assert_one_line_error(stargan(tiny_latents, str(tmp_path / "o"), *flags, check=False), needle)
+
+
+def test_stargan_resume_on_other_data_is_refused(tiny_latents, tmp_path):
+    out = str(tmp_path / "s")
+    stargan(tiny_latents, out, "--epochs", 1)
+    d = load_pt(tiny_latents)
+    keep = d["labels"] < 2  # two of the three domains: the per-domain heads no longer fit
+    two = str(tmp_path / "two.pt")
+    torch.save({**d, "latents": d["latents"][keep], "labels": d["labels"][keep], "domains": d["domains"][:2]}, two)
+    p = run("train_latent_stargan.py", "--resume", "--out_dir", out, "--data", two, check=False)
+    assert_one_line_error(p, "does not fit this run", "new --out_dir")
 
 
 def test_stargan_nan_names_the_step_and_the_loss(tiny_latents, tmp_path):
@@ -728,3 +786,234 @@ def test_stargan_on_gpu(tiny_latents, tmp_path):
             "--device", "cuda", "--r1_interval", 2, timeout=900)
     assert "bfloat16 compiled" in p.stdout
     assert all(np.isfinite(r["d_loss"]) and r["r1"] > 0 for r in load_log(out)["records"])
+
+
+# -----------------------------------------------------------------------------
+# plot_losses.py, on logs the tests write in each trainer's shape
+
+def stargan_log(n=12, **over):
+    """A log.json in train_latent_stargan.py's shape: a calm hinge run, with over[key] replacing a curve."""
+    e = np.arange(1, n + 1)
+    curves = {"d_loss": 1.9 - 0.03 * e, "g_loss": 2.0 - 0.05 * e, "g_adv": 0.4 + 0.02 * e, "sty": 0.3 - 0.01 * e,
+              "ds": 0.2 + 0.001 * e, "cyc": 0.5 - 0.02 * e, "id": 0.3 - 0.01 * e, "r1": 0.002 + 0 * e,
+              "lambda_ds": np.clip(1 - (e - 1) / 20, 0, 1), "d_real": 0.3 + 0.02 * e, "d_fake": -0.3 - 0.02 * e,
+              "imgs_per_sec": 900 + 0 * e, "time": 10.0 * e}
+    curves.update(over)
+    cfg = {"w_adv": 1, "w_sty": 1, "w_ds": 1, "w_cyc": 1, "w_id": 1, "w_r1": 2, "r1_interval": 16, "ds_decay_epochs": 20,
+           "epoch_size": 6144, "batch_size": 64}
+    recs = [{"epoch": int(i), "step": int(96 * i), **{k: float(v[i - 1]) for k, v in curves.items()}} for i in e]
+    return {"script": "train_latent_stargan.py", "config": cfg, "records": recs}
+
+
+def mnist_log(n=12, loss="bce", **over):
+    """A log.json in train_mnist_gan.py's shape (with evaluation figures every 3 epochs): a healthy run."""
+    e = np.arange(1, n + 1)
+    curves = {"d_loss": 0.62 + 0.005 * np.cos(e), "g_loss": 0.9 + 0.01 * np.sin(e), "d_real": 0.6 + 0 * e,
+              "d_fake": 0.42 + 0 * e, "imgs_per_sec": 5000 + 0 * e, "time": 12.0 * e}
+    curves.update(over)
+    recs = [{"epoch": int(i), "step": int(937 * i), **{k: float(v[i - 1]) for k, v in curves.items()}} for i in e]
+    for i, r in enumerate(recs):
+        if (i + 1) % 3 == 0:
+            r.update(fd=40.0 / (i + 1), kid=2.0 / (i + 1), **{"is": 6.0}, modes=10, kl_uniform=0.02)
+    recs[2].update(clf_acc=0.88, fd_real=0.3, kid_real=0.0, is_real=7.3)
+    return {"script": "train_mnist_gan.py", "config": {"loss": loss, "lr": 2e-4, "lr_d": 2e-4, "n_critic": 1, "r1": 0.0},
+            "records": recs}
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+    return str(path)
+
+
+def plot(*args, check=True):
+    return run("plot_losses.py", *args, check=check)
+
+
+def check_picture(path, min_size=(800, 500)):
+    img = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+    assert img.shape[1] >= min_size[0] and img.shape[0] >= min_size[1], img.shape
+    assert (img < 128).mean() > 0.01 and img.std() > 20  # curves, axes and text on white: not blank
+    return img
+
+
+def test_plot_losses_draws_both_trainers_logs(tmp_path):
+    sg = write_json(tmp_path / "sg.json", stargan_log(id=np.zeros(12)))  # w_id 0: id is logged as constant 0
+    p = plot(sg)
+    out = tmp_path / "losses.png"  # default: beside the first log
+    assert f"wrote {out}" in p.stdout
+    check_picture(out)
+    mn = write_json(tmp_path / "mn.json", mnist_log())
+    plot(mn, "--out", tmp_path / "m.png", "--smooth", 3, "--x", "step")
+    check_picture(tmp_path / "m.png")
+    for ext in ("svg", "pdf"):  # the format follows the extension
+        plot(mn, "--out", tmp_path / f"m.{ext}")
+    assert open(tmp_path / "m.svg").read(200).lstrip().startswith("<?xml") and open(tmp_path / "m.pdf", "rb").read(4) == b"%PDF"
+
+
+def test_plot_losses_panel_order_and_reference_lines():
+    import plot_losses as pl
+    log = stargan_log(id=np.zeros(12))
+    meta, records = {"script": log["script"], "config": log["config"]}, log["records"]
+    keys = pl.curve_keys([(meta, records)])
+    assert keys[:9] == ["d_loss", "g_loss", "g_adv", "sty", "ds", "cyc", "id", "r1", "lambda_ds"]
+    assert keys[-1] == "imgs_per_sec" and keys[9:11] == ["d_real", "d_fake"]
+    assert pl.reference_lines(meta, "d_loss", records) == [(2.0, "hinge: logits near 0")]
+    assert pl.lambda_zero_x(meta, records, "epoch") == 21.0 and pl.lambda_zero_x(meta, records, "step") == 21 * 96
+    m = mnist_log()
+    mm = {"script": m["script"], "config": m["config"]}
+    assert pl.reference_lines(mm, "d_loss", m["records"])[0][0] == pytest.approx(np.log(2))  # seed 004's d_loss at D = 1/2
+    assert pl.reference_lines(mm, "g_loss", m["records"])[0][0] == pytest.approx(np.log(2))
+    assert pl.reference_lines(mm, "fd", m["records"]) == [(0.3, "real data")]
+    mm["config"]["loss"] = "minimax"
+    assert pl.reference_lines(mm, "g_loss", m["records"])[0][0] == pytest.approx(-np.log(2))
+
+
+def test_plot_losses_overlays_runs_and_reads_other_formats(tmp_path):
+    a = write_json(tmp_path / "a" / "log.json", mnist_log()) if os.makedirs(tmp_path / "a") is None else None
+    b = write_json(tmp_path / "b.json", mnist_log(loss="minimax")["records"])  # a bare list of records
+    lines = [json.dumps(r) for r in mnist_log(n=6)["records"]]
+    c = tmp_path / "c.jsonl"
+    c.write_text("\n".join(lines) + "\n" + lines[0][:25])  # JSON Lines, the last line still being written
+    p = plot(a, b, str(c), "--out", tmp_path / "o.png", "--diagnose")
+    assert "skipping the truncated last line 7" in p.stderr
+    assert "[a]" in p.stdout and "[tmp" not in p.stdout  # labels: folder names
+    check_picture(tmp_path / "o.png")
+    p = plot(a, b, "--labels", "bce,minimax", "--out", tmp_path / "o2.png", "--diagnose")
+    assert "[bce]" in p.stdout and "[minimax]" in p.stdout
+    gap = mnist_log()
+    del gap["records"][4]["g_loss"]  # a missing key leaves a gap, nothing more
+    plot(write_json(tmp_path / "gap.json", gap), "--out", tmp_path / "gap.png")
+    p = plot(a, "--labels", "x,y", check=False)
+    assert_one_line_error(p, "--labels names 2 runs, 1 logs")
+
+
+def test_plot_losses_reads_a_log_while_training_writes_it(tiny_mnist, tmp_path):
+    import plot_losses as pl
+    out = str(tmp_path / "live")
+    args = mnist_args(tiny_mnist, out, "--epochs", 300, "--batch_size", 64, "--log_interval", 100, "--sample_interval", 100000)
+    proc = subprocess.Popen([PY, os.path.join(HERE, "train_mnist_gan.py"), *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    reads, seen = 0, set()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(seen) < 20:
+            if os.path.exists(os.path.join(out, "log.json")):
+                meta, records = pl.read_log(os.path.join(out, "log.json"))  # never half a file: written atomically
+                seen.add(len(records))
+                reads += 1
+    finally:
+        proc.kill()
+        proc.wait()
+    assert reads > 20 and len(seen) >= 5, (reads, seen)
+
+
+def diagnosis(tmp_path, log, *flags):
+    path = write_json(tmp_path / f"d{len(os.listdir(tmp_path))}.json", log)
+    return plot(path, "--diagnose", "--no_plot", "--labels", "run", *flags).stdout
+
+
+def test_diagnose_healthy_runs_have_no_findings_but_r1(tmp_path):
+    out = diagnosis(tmp_path, mnist_log())
+    assert "no findings" in out
+    out = diagnosis(tmp_path, stargan_log())
+    assert out.count("\n") == 1 and "r1 averages" in out  # r1's effective share is always reported
+
+
+def test_diagnose_divergence(tmp_path):
+    g = 0.9 + 0 * np.arange(12.0)
+    g[6] = float("nan")
+    out = diagnosis(tmp_path, mnist_log(g_loss=g))
+    assert "g_loss is nan at epoch 7" in out
+    d = 0.6 + 0 * np.arange(12.0)
+    d[9:] = [50.0, 500.0, 5000.0]
+    out = diagnosis(tmp_path, mnist_log(d_loss=d))
+    assert "d_loss reaches 50 at epoch 10" in out and "diverging" in out
+    assert "diverg" not in diagnosis(tmp_path, mnist_log(d_loss=0.6 + 0.5 * np.arange(12.0) / 12))
+
+
+def test_diagnose_d_dominates(tmp_path):
+    e = np.arange(12.0)
+    out = diagnosis(tmp_path, mnist_log(d_loss=0.6 * np.exp(-e / 2), g_loss=1 + 0.5 * e))
+    assert "D dominates" in out and "balance 0.693" in out and "g_loss climbed from 1.750 to 5.750" in out  # means of the first and last 4 epochs
+    out = diagnosis(tmp_path, stargan_log(d_loss=1.9 * np.exp(-e / 2), g_adv=0.3 + 0.3 * e))
+    assert "D dominates" in out and "g_adv climbed" in out
+    assert "D dominates" not in diagnosis(tmp_path, mnist_log(d_loss=0.6 * np.exp(-e / 2), g_loss=1 - 0.01 * e))
+    assert "D dominates" not in diagnosis(tmp_path, mnist_log(loss="wgan", d_loss=-e, g_loss=e))  # no balance level
+
+
+def test_diagnose_d_stopped_learning(tmp_path):
+    e = np.arange(12.0)
+    pinned = 2.0 + 2 * 16 * 0.002 + 0.01 * np.sin(e)  # hinge 2 plus R1's share (w_r1 * r1_interval * r1)
+    out = diagnosis(tmp_path, stargan_log(d_loss=pinned))
+    assert "D stopped learning" in out and "hinge part of d_loss" in out and "for 12 epochs from epoch 1" in out
+    out = diagnosis(tmp_path, mnist_log(d_real=0.5 + 0.01 * np.sin(e), d_fake=0.49 + 0 * e))
+    assert "D(x) and D(G(z)) both stay within 0.05 of 1/2" in out
+    assert "stopped" not in diagnosis(tmp_path, stargan_log(d_loss=1.9 - 0.05 * e))
+    assert "stopped" not in diagnosis(tmp_path, stargan_log(d_loss=2.0 + 0.3 * np.sin(e * 1.3)))
+    out = diagnosis(tmp_path, stargan_log(d_loss=2.0 + 0.2 * np.sin(e)), "--pinned_tol", 0.3)  # thresholds are flags
+    assert "stopped" in out
+
+
+def test_diagnose_diversity(tmp_path):
+    e = np.arange(1, 13.0)
+    lam = np.clip(1 - (e - 1) / 5, 0, 1)
+    out = diagnosis(tmp_path, stargan_log(lambda_ds=lam))
+    assert "lambda_ds is 0 from epoch 6 on" in out
+    assert "lambda_ds is 0" not in diagnosis(tmp_path, stargan_log())
+    out = diagnosis(tmp_path, stargan_log(ds=0.3 * np.exp(-e / 2)))  # lambda_ds is still ~0.5 at epoch 12
+    assert "diversity is collapsing while it is still rewarded: ds fell from 0.1820 (epoch 1) to 0.0007 (epoch 12)" in out
+    assert "collapsing" not in diagnosis(tmp_path, stargan_log(ds=0.3 - 0.005 * e))
+
+
+def test_diagnose_r1_effective_contribution(tmp_path):
+    out = diagnosis(tmp_path, stargan_log(r1=0.003 + 0 * np.arange(12.0), d_loss=1.5 + 0 * np.arange(12.0)))
+    assert "r1 averages 0.003 over the last 4 epochs (the raw penalty, 0 on 15 of every 16 steps)" in out
+    assert "w_r1 * r1_interval = 2 * 16 x 0.003 = 0.096 to d_loss on average, 6.4% of d_loss 1.500" in out
+    assert "r1 averages" not in diagnosis(tmp_path, stargan_log(r1=np.zeros(12)))
+    log = mnist_log(r1=0.01 + 0 * np.arange(12.0))
+    log["config"]["r1"] = 10.0  # --r1 GAMMA: GAMMA/2 on every step
+    assert "GAMMA/2 = 5 x 0.01 = 0.05 to d_loss" in diagnosis(tmp_path, log)
+
+
+def test_diagnose_oscillation(tmp_path):
+    e = np.arange(24.0)
+    out = diagnosis(tmp_path, mnist_log(n=24, g_loss=1.2 + 0.4 * np.sin(2 * np.pi * e / 6)))
+    assert "g_loss swings with a period of about 6 epochs and an amplitude of 0.39" in out
+    assert "swings" not in diagnosis(tmp_path, mnist_log(n=24, g_loss=1.2 + 0.02 * e))
+    assert "swings" not in diagnosis(tmp_path, mnist_log(n=24, g_loss=1.2 + 0.01 * np.sin(2 * np.pi * e / 6)))
+
+
+def test_diagnose_mode_collapse_from_the_evaluation(tmp_path):
+    log = mnist_log()
+    log["records"][-1].update(modes=3, kl_uniform=1.2)
+    out = diagnosis(tmp_path, log)
+    assert "mode collapse: the samples cover 3 of 10 classes at epoch 12 (kl_uniform 1.200" in out
+    assert "collapse" not in diagnosis(tmp_path, mnist_log())
+    log = stargan_log()
+    for i, r in enumerate(log["records"]):
+        r["div"] = [0.2, 0.25, 0.1, 0.03][i // 3] if i % 3 == 2 else None
+    assert "diversity collapse: div fell from 0.25 (epoch 6) to 0.03 (epoch 12)" in diagnosis(tmp_path, log)
+
+
+def test_plot_losses_annotate_puts_findings_in_the_footer(tmp_path):
+    e = np.arange(12.0)
+    path = write_json(tmp_path / "log.json", mnist_log(d_loss=0.6 * np.exp(-e / 2), g_loss=1 + 0.5 * e))
+    plot(path, "--out", tmp_path / "plain.png")
+    plot(path, "--annotate", "--out", tmp_path / "annotated.png")
+    plain, annotated = (np.asarray(Image.open(tmp_path / f).convert("L")) for f in ("plain.png", "annotated.png"))
+    assert annotated.shape[0] > plain.shape[0]  # a taller figure: the footer
+    assert (annotated[-40:] < 128).mean() > 0.005  # text at the bottom
+
+
+def test_plot_losses_bad_input(tmp_path):
+    (tmp_path / "empty.json").write_text("")
+    cases = [(str(tmp_path / "missing.json"), "no such file"), (str(tmp_path / "empty.json"), "the file is empty"),
+             (write_json(tmp_path / "nolog.json", {"model": "x"}), "no training log"),
+             (write_json(tmp_path / "text.json", [{"note": "x"}, {"note": "y"}]), "no record has a numeric value")]
+    (tmp_path / "junk.json").write_text("{not json\n{also not\nnor this")
+    cases.append((str(tmp_path / "junk.json"), "neither JSON nor JSON Lines"))
+    for path, needle in cases:
+        assert_one_line_error(plot(path, check=False), needle)
+    assert_one_line_error(plot(write_json(tmp_path / "ok.json", mnist_log()), "--out", tmp_path / "x.jpg", check=False),
+                          ".png, .svg or .pdf")

@@ -26,6 +26,7 @@ VAE when it loads), ckpt.pt (everything --resume needs).
 """
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -317,6 +318,93 @@ def latent_mosaic(lat, real):
     return torch.cat([torch.cat([x[:, 0:1], x[:, 1:2]], 3), torch.cat([x[:, 2:3], x[:, 3:4]], 3)], 2)
 
 # -----------------------------------------------------------------------------
+# evaluation: our own domain classifier on latents, trained on the training split, and figures in its feature
+# space. These are not Inception FID or LPIPS: they compare runs of this project with each other.
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """||mu1 - mu2||^2 + tr(s1 + s2 - 2 (s1 s2)^(1/2)) between two Gaussians, in float64. tr (s1 s2)^(1/2) is
+    computed as tr (s1^(1/2) s2 s1^(1/2))^(1/2), from two symmetric eigendecompositions: no complex parts,
+    no scipy, and stable for singular covariances."""
+    mu1, s1, mu2, s2 = (np.asarray(a, dtype=np.float64) for a in (mu1, s1, mu2, s2))
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # s1^(1/2)
+    m = r1 @ s2 @ r1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def kid(f1, f2, n_subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance's estimator (Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial
+    kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets. Near 0 for samples of one distribution."""
+    f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
+    rng, m, d = np.random.default_rng(seed), min(subset_size, len(f1), len(f2)), f1.shape[1]
+    total = 0.0
+    for _ in range(n_subsets):
+        x, y = f1[rng.choice(len(f1), m, replace=False)], f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        total += ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+    return float(total / n_subsets)
+
+
+def classifier_score(probs, eps=1e-12):
+    """exp(E_x KL(p(y|x) || p(y))), the Inception Score's formula: 1 for one class (or no confidence), up to the
+    number of classes for confident predictions spread evenly over all of them."""
+    p = np.asarray(probs, dtype=np.float64)
+    py = p.mean(0, keepdims=True)
+    return float(np.exp((p * (np.log(p + eps) - np.log(py + eps))).sum(1).mean()))
+
+
+class DomainClassifier(nn.Module):
+    """A small conv net that predicts a latent's domain; its penultimate layer (64 ReLU features) is the
+    evaluation's feature space."""
+
+    def __init__(self, channels=4, num_domains=2, width=32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(),
+            nn.Conv2d(2 * width, 4 * width, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(4 * width, 64), nn.ReLU())
+        self.head = nn.Linear(64, num_domains)
+
+    def forward(self, x):  # (B, C, H, W) scaled latents -> features (B, 64), logits (B, domains)
+        f = self.features(x)
+        return f, self.head(f)
+
+
+def train_domain_classifier(x, y, num_domains, device, batch_size=128, min_steps=600, min_epochs=3, seed=0):
+    """Train the DomainClassifier on latents x with domain labels y, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+        torch.manual_seed(seed)
+        clf = DomainClassifier(x.shape[1], num_domains).to(device)
+        opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+        steps_per_epoch = max(1, len(x) // batch_size)
+        for s in range(max(min_steps, min_epochs * steps_per_epoch)):
+            if s % steps_per_epoch == 0:
+                perm = torch.randperm(len(x), device=device)
+            idx = perm[(s % steps_per_epoch) * batch_size:(s % steps_per_epoch + 1) * batch_size]
+            loss = F.cross_entropy(clf(x[idx])[1], y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return clf.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def embed(clf, x, batch_size=1000):
+    """Features (float64 numpy) and class probabilities of inputs x under the classifier."""
+    feats, probs = [], []
+    for chunk in x.split(batch_size):
+        f, logits = clf(chunk.float())
+        feats.append(f.double().cpu()), probs.append(torch.softmax(logits.double(), 1).cpu())
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+def gaussian(f):
+    """Mean and covariance of features f (n, d); a single sample has zero covariance (np.cov would give NaN)."""
+    return f.mean(0), (np.cov(f, rowvar=False) if len(f) > 1 else np.zeros((f.shape[1], f.shape[1])))
+
+
+# -----------------------------------------------------------------------------
 # config: the flags carry seed 001's config names
 
 def build_parser():
@@ -365,6 +453,10 @@ def build_parser():
     p.add_argument("--n_samples", type=int, default=4, help="source latents in the sample grids (default 4)")
     p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
                    help="decode sample grids through the VAE named in the latents file (default on)")
+    # evaluation (on the held-out latents, with the EMA networks)
+    p.add_argument("--eval_interval", type=int, default=5, help="evaluate every this many epochs and at the end (0: never)")
+    p.add_argument("--n_div", type=int, default=4, help="styles per source for the diversity figure div (default 4)")
+    p.add_argument("--min_clf_acc", type=float, default=0.8, help="warn when the domain classifier's held-out accuracy is below this")
     # system
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu, ...")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -403,7 +495,7 @@ def parse_config(argv=None):
                 die(f"--resume: --{k} {given[k]} differs from the checkpoint's {ckpt['config'][k]}; use a new --out_dir")
         for k, v in given.items():
             if k in ckpt["config"] and v != ckpt["config"][k] and k not in ("resume", "device", "compile", "dtype"):
-                print(f"resume: --{k} changed from {ckpt['config'][k]} to {v}", file=sys.stderr)
+                print(f"resume: --{k} changed from {ckpt['config'][k]} to {v}")
         cfg = {**ckpt["config"], **given, "resume": True}
     for k in ("epochs", "batch_size", "epoch_size", "r1_interval", "log_interval", "style_dim", "latent_dim", "g_dim",
               "e_dim", "d_dim", "f_dim", "f_shared", "n_samples"):
@@ -418,7 +510,12 @@ def parse_config(argv=None):
     for k in ("lr", "f_lr", "latent_scale"):
         if not cfg[k] > 0:
             die(f"--{k} must be positive, got {cfg[k]}")
-    for k in ("w_adv", "w_sty", "w_ds", "w_cyc", "w_id", "w_r1", "ds_margin", "weight_decay", "ds_decay_epochs", "max_iters"):
+    if cfg["eval_interval"] and cfg["val_fraction"] <= 0:
+        die("evaluation needs held-out latents: give --val_fraction > 0, or --eval_interval 0 to skip it")
+    if cfg["n_div"] < 2:
+        die(f"--n_div must be at least 2 (div compares outputs pairwise), got {cfg['n_div']}")
+    for k in ("w_adv", "w_sty", "w_ds", "w_cyc", "w_id", "w_r1", "ds_margin", "weight_decay", "ds_decay_epochs", "max_iters",
+              "eval_interval"):
         if cfg[k] < 0:
             die(f"--{k} must be zero or positive, got {cfg[k]}")
     if not 0 <= cfg["val_fraction"] < 1:
@@ -469,7 +566,8 @@ def main(argv=None):
     for d in range(K):
         idx = torch.nonzero(meta["labels"] == d).flatten()
         idx = idx[torch.randperm(len(idx), generator=split_gen)]
-        n_val = min(len(idx) - 1, math.ceil(cfg["val_fraction"] * len(idx))) if cfg["val_fraction"] > 0 else 0
+        n_val = math.ceil(cfg["val_fraction"] * len(idx)) if cfg["val_fraction"] > 0 else 0
+        n_val = min(len(idx) // 2, max(n_val, 2)) if n_val else 0  # at least 2 held out (a covariance), half at most
         val_idx.append(idx[:n_val]), train_idx.append(idx[n_val:])
     dom_count = torch.tensor([len(t) for t in train_idx], device=device)
     dom_start = torch.cumsum(dom_count, 0) - dom_count
@@ -501,9 +599,13 @@ def main(argv=None):
     log = {"script": SCRIPT, "config": cfg, "records": []}
     step, epoch, sums, elapsed = 0, 1, None, 0.0
     if ckpt is not None:
-        for name, m in (("G", G), ("E", E), ("F", Fm), ("D", D), ("G_ema", G_ema), ("E_ema", E_ema), ("F_ema", F_ema)):
-            m.load_state_dict(ckpt[name])
-        opt_G.load_state_dict(ckpt["opt_G"]), opt_D.load_state_dict(ckpt["opt_D"])
+        try:
+            for name, m in (("G", G), ("E", E), ("F", Fm), ("D", D), ("G_ema", G_ema), ("E_ema", E_ema), ("F_ema", F_ema)):
+                m.load_state_dict(ckpt[name])
+            opt_G.load_state_dict(ckpt["opt_G"]), opt_D.load_state_dict(ckpt["opt_D"])
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. --data with another number of domains
+            die(f"--resume: {ckpt_path} does not fit this run ({' '.join(str(e).split())[:220]}); "
+                "resume with the data and flags it was made with, or use a new --out_dir")
         scaler_G.load_state_dict(ckpt["scaler_G"]), scaler_D.load_state_dict(ckpt["scaler_D"])
         for opt, lrs in ((opt_G, (cfg["lr"], cfg["f_lr"])), (opt_D, (cfg["lr"],))):  # the flags win over the saved lr
             for group, lr in zip(opt.param_groups, lrs):
@@ -581,6 +683,95 @@ def main(argv=None):
         for name, m in (("G", G), ("E", E), ("F", Fm), ("D", D), ("G_ema", G_ema), ("E_ema", E_ema), ("F_ema", F_ema)):
             state[name] = m.state_dict()
         save_torch_atomic(state, ckpt_path)
+
+    # evaluation: the domain classifier is trained the first time it is needed and cached in out_dir, keyed by the data
+    ev = {"ref_logged": any("clf_acc" in r for r in log["records"])}
+
+    def _setup_eval():
+        digest = hashlib.sha1(meta["latents"].numpy().tobytes() + meta["labels"].numpy().tobytes()
+                              + f"{cfg['val_fraction']} DomainClassifier 32".encode()).hexdigest()[:16]
+        path = os.path.join(cfg["out_dir"], f"classifier_{digest}.pt")
+        clf = DomainClassifier(C, K).to(device)
+        if os.path.exists(path):
+            saved_clf = torch.load(path, map_location=device, weights_only=True)
+            clf.load_state_dict(saved_clf["state"])
+            clf.eval().requires_grad_(False)
+            acc = saved_clf["acc"]
+        else:
+            t = time.perf_counter()
+            clf = train_domain_classifier(latents[train_sorted], labels[train_sorted], K, device)
+            acc = float((embed(clf, latents[val_idx])[1].argmax(1) == labels[val_idx].cpu().numpy()).mean())
+            save_torch_atomic({"state": clf.state_dict(), "acc": acc, "digest": digest}, path)
+            print(f"evaluation classifier: trained in {time.perf_counter() - t:.0f}s on {n_train} latents, held-out accuracy "
+                  f"{acc:.3f}; cached in {path}")
+        if acc < cfg["min_clf_acc"]:
+            print(f"warning: the domain classifier's held-out accuracy is {acc:.3f} (< --min_clf_acc {cfg['min_clf_acc']}): "
+                  "acc_ref, acc_lat and fd mean little with it", file=sys.stderr)
+        f_all, _ = embed(clf, latents)
+        real = [gaussian(f_all[(meta["labels"] == d).numpy()]) for d in range(K)]  # every real latent of each domain
+        f_val = f_all[val_idx.cpu().numpy()]
+        y_val = labels[val_idx].cpu().numpy()
+        fd_real = np.mean([frechet_distance(*gaussian(f_val[y_val == d]), *real[d]) for d in range(K)])
+        ev.update(clf=clf, real=real, ref={"clf_acc": acc, "fd_real": float(fd_real)})
+
+    def setup_eval():
+        # building (or loading) the classifier draws weight inits: fork the RNG so training's stays as it was,
+        # whether the classifier is trained here or loaded on resume
+        with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
+            _setup_eval()
+
+    @torch.no_grad()
+    def evaluate():
+        """On the held-out latents, with the EMA networks: each source into every other domain, by a reference (a
+        held-out latent of that domain) and by a fixed z. acc_ref, acc_lat: share classified as the target domain;
+        fd_<domain>, fd_mean: latent-guided translations into a domain against its real latents; div: mean pairwise
+        L1 of n_div styles per source; cyc_err: L1 of the latent-guided round trip."""
+        if "clf" not in ev:
+            setup_eval()
+        Gs, Es, Fs = (G_ema, E_ema, F_ema) if cfg["ema"] > 0 else (G, E, Fm)
+        for m_ in (Gs, Es, Fs):
+            m_.eval()
+        gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 2)  # its own RNG: training's is untouched
+        x, y = latents[val_idx], labels[val_idx]
+        y_t = torch.cat([(y + k) % K for k in range(1, K)])  # every source into every other domain
+        x_s, y_s = x.repeat(K - 1, 1, 1, 1), y.repeat(K - 1)
+        per_dom = [val_idx[labels[val_idx] == d] for d in range(K)]
+        refs = torch.stack([per_dom[t][torch.randint(len(per_dom[t]), (), generator=gen, device=device)] for t in y_t.tolist()])
+        z = torch.randn(len(x_s), cfg["latent_dim"], generator=gen, device=device)
+        fake_ref, fake_lat, rec = [], [], []
+        for i in range(0, len(x_s), 256):
+            sl = slice(i, i + 256)
+            with ctx:
+                fr = Gs(x_s[sl], Es(latents[refs[sl]], y_t[sl])).float()
+                fl = Gs(x_s[sl], Fs(z[sl], y_t[sl])).float()
+                rc = Gs(fl, Es(x_s[sl], y_s[sl])).float()
+            fake_ref.append(fr), fake_lat.append(fl), rec.append(rc)
+        fake_ref, fake_lat, rec = torch.cat(fake_ref), torch.cat(fake_lat), torch.cat(rec)
+        div = []
+        for i in range(0, len(x), 256):  # n_div styles for each source, into one other domain
+            xs, ys = x[i:i + 256], y_t[i:min(i + 256, len(x))]  # y_t's first len(x) entries: (y + 1) % K
+            zs = torch.randn(cfg["n_div"], len(xs), cfg["latent_dim"], generator=gen, device=device)
+            with ctx:
+                outs = torch.stack([Gs(xs, Fs(zs[j], ys)).float() for j in range(cfg["n_div"])])
+            pairs = [(a, b) for a in range(cfg["n_div"]) for b in range(a + 1, cfg["n_div"])]
+            div.append(torch.stack([(outs[a] - outs[b]).abs().flatten(1).mean(1) for a, b in pairs]).mean(0))
+        for m_ in (G, E, Fm):
+            m_.train()
+        t = y_t.cpu().numpy()
+        f_lat, p_lat = embed(ev["clf"], fake_lat)
+        _, p_ref = embed(ev["clf"], fake_ref)
+        out = {"acc_ref": float((p_ref.argmax(1) == t).mean()), "acc_lat": float((p_lat.argmax(1) == t).mean())}
+        fds = {f"fd_{d}": frechet_distance(*gaussian(f_lat[t == k]), *ev["real"][k]) for k, d in enumerate(domains)}
+        out.update(fds)
+        out["fd_mean"] = float(np.mean(list(fds.values())))
+        out["div"] = float(torch.cat(div).mean())
+        out["cyc_err"] = float((rec - x_s).abs().mean())
+        print(f"eval epoch {epoch}: acc_ref {out['acc_ref']:.3f} acc_lat {out['acc_lat']:.3f} fd_mean {out['fd_mean']:.3f} "
+              f"(real held-out latents {ev['ref']['fd_real']:.3f}) div {out['div']:.4f} cyc_err {out['cyc_err']:.4f}")
+        if not ev["ref_logged"]:
+            out.update(ev["ref"])
+            ev["ref_logged"] = True
+        return out
 
     # Ctrl-C: finish the step, save a checkpoint, then stop (a second Ctrl-C stops at once)
     stop = {"signal": False}
@@ -708,6 +899,8 @@ def main(argv=None):
             record["time"] = elapsed + t0 - t_start
             if not end_of_epoch:
                 record["partial"] = True  # the epoch goes on after a resume, and this record is then replaced
+            if cfg["eval_interval"] and (step == total_steps or (end_of_epoch and epoch % cfg["eval_interval"] == 0)):
+                record.update(evaluate())  # evaluation figures join the record of their epoch
             log["records"].append(record)
             save_json_atomic(log, log_path)
             save_samples(f"epoch{epoch:03d}" if end_of_epoch else f"step{step:06d}")

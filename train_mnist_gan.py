@@ -253,6 +253,92 @@ def save_grid(images, path, nrow, pad=2, scale=1):
     img.save(path)
 
 # -----------------------------------------------------------------------------
+# evaluation: our own classifier, trained on the real training data, and figures in its feature space.
+# These are not Inception FID/IS/KID: they compare runs of this project with each other, not with papers.
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """||mu1 - mu2||^2 + tr(s1 + s2 - 2 (s1 s2)^(1/2)) between two Gaussians, in float64. tr (s1 s2)^(1/2) is
+    computed as tr (s1^(1/2) s2 s1^(1/2))^(1/2), from two symmetric eigendecompositions: no complex parts,
+    no scipy, and stable for singular covariances."""
+    mu1, s1, mu2, s2 = (np.asarray(a, dtype=np.float64) for a in (mu1, s1, mu2, s2))
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # s1^(1/2)
+    m = r1 @ s2 @ r1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def kid(f1, f2, n_subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance's estimator (Binkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial
+    kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets. Near 0 for samples of one distribution."""
+    f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
+    rng, m, d = np.random.default_rng(seed), min(subset_size, len(f1), len(f2)), f1.shape[1]
+    total = 0.0
+    for _ in range(n_subsets):
+        x, y = f1[rng.choice(len(f1), m, replace=False)], f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        total += ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+    return float(total / n_subsets)
+
+
+def classifier_score(probs, eps=1e-12):
+    """exp(E_x KL(p(y|x) || p(y))), the Inception Score's formula: 1 for one class (or no confidence), up to the
+    number of classes for confident predictions spread evenly over all of them."""
+    p = np.asarray(probs, dtype=np.float64)
+    py = p.mean(0, keepdims=True)
+    return float(np.exp((p * (np.log(p + eps) - np.log(py + eps))).sum(1).mean()))
+
+
+class Classifier(nn.Module):
+    """A LeNet-sized CNN; its penultimate layer (128 ReLU features) is the evaluation's feature space."""
+
+    def __init__(self, n_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU())
+        self.head = nn.Linear(128, n_classes)
+
+    def forward(self, x):  # (B, 784) or (B, 1, 28, 28) in [-1, 1] -> features (B, 128), logits (B, 10)
+        f = self.features(x.reshape(-1, 1, 28, 28))
+        return f, self.head(f)
+
+
+def train_classifier(x, y, device, batch_size=128, min_steps=600, min_epochs=3, seed=0):
+    """Train the Classifier on images x (N, 784) in [-1, 1] with labels y, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+        torch.manual_seed(seed)
+        clf = Classifier().to(device)
+        opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+        steps_per_epoch = max(1, len(x) // batch_size)
+        steps = max(min_steps, min_epochs * steps_per_epoch)
+        for s in range(steps):
+            if s % steps_per_epoch == 0:
+                perm = torch.randperm(len(x), device=device)
+            idx = perm[(s % steps_per_epoch) * batch_size:(s % steps_per_epoch + 1) * batch_size]
+            loss = F.cross_entropy(clf(x[idx])[1], y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return clf.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def embed(clf, x, batch_size=1000):
+    """Features (float64 numpy) and class probabilities of inputs x under the classifier."""
+    feats, probs = [], []
+    for chunk in x.split(batch_size):
+        f, logits = clf(chunk.float())
+        feats.append(f.double().cpu()), probs.append(torch.softmax(logits.double(), 1).cpu())
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+def gaussian(f):
+    """Mean and covariance of features f (n, d); a single sample has zero covariance (np.cov would give NaN)."""
+    return f.mean(0), (np.cov(f, rowvar=False) if len(f) > 1 else np.zeros((f.shape[1], f.shape[1])))
+
+
+# -----------------------------------------------------------------------------
 # config: defaults per loss from its paper or its best-known implementation
 
 LOSS_DEFAULTS = {
@@ -299,6 +385,12 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt; flags not given take the checkpoint's values")
     p.add_argument("--log_interval", type=int, default=100, help="print a progress line every this many steps")
     p.add_argument("--sample_interval", type=int, default=400, help="save a 5x5 sample grid every this many steps (seed 004: 400)")
+    # evaluation
+    p.add_argument("--eval_interval", type=int, default=10, help="evaluate every this many epochs and at the end (0: never)")
+    p.add_argument("--eval_samples", type=int, default=10000, help="generated images per evaluation (default 10000)")
+    p.add_argument("--mode_share", type=float, default=0.02, help="a class counts as covered (modes) if it gets at least this "
+                                                                  "share of the samples (default 0.02; uniform is 0.1)")
+    p.add_argument("--min_clf_acc", type=float, default=0.8, help="warn when the evaluation classifier's test accuracy is below this")
     # system
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu, ...")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -332,12 +424,12 @@ def parse_config(argv=None):
         for a in p._actions:  # parse again with no defaults: what is left was typed on the command line
             a.default = argparse.SUPPRESS
         given = vars(p.parse_args(argv))
-        for k in ("latent_dim", "dataset"):
+        for k in ("latent_dim", "dataset", "loss"):  # what the networks and optimizers in the checkpoint are built for
             if k in given and given[k] != ckpt["config"][k]:
                 die(f"--resume: --{k} {given[k]} differs from the checkpoint's {ckpt['config'][k]}; use a new --out_dir")
         for k, v in given.items():
             if k in ckpt["config"] and v != ckpt["config"][k] and k not in ("resume", "device", "compile", "dtype"):
-                print(f"resume: --{k} changed from {ckpt['config'][k]} to {v}", file=sys.stderr)
+                print(f"resume: --{k} changed from {ckpt['config'][k]} to {v}")
         cfg = {**ckpt["config"], **given, "resume": True}
         cfg.setdefault("data_dir", None)
     for k, v in LOSS_DEFAULTS[cfg["loss"]].items():
@@ -354,7 +446,11 @@ def parse_config(argv=None):
     for k in ("lr", "lr_d", "clip_value"):
         if not cfg[k] > 0:
             die(f"--{k} must be positive, got {cfg[k]}")
-    for k in ("lambda_gp", "r1", "max_iters"):
+    if cfg["eval_samples"] < 2:
+        die(f"--eval_samples must be at least 2, got {cfg['eval_samples']}")
+    if not 0 < cfg["mode_share"] <= 1:
+        die(f"--mode_share is a share of the samples, in (0, 1], got {cfg['mode_share']}")
+    for k in ("lambda_gp", "r1", "max_iters", "eval_interval"):
         if cfg[k] < 0:
             die(f"--{k} must be zero or positive, got {cfg[k]}")
     for k in ("b1", "b2"):
@@ -388,11 +484,12 @@ def main(argv=None):
 
     # data: the whole training set, once, as one (N, 784) tensor in [-1, 1] on the device
     try:
-        train_x, _, _, _ = load_dataset(cfg["dataset"], cfg["data_dir"], [cfg["mirror"]] if cfg["mirror"] else None)
+        arrays = load_dataset(cfg["dataset"], cfg["data_dir"], [cfg["mirror"]] if cfg["mirror"] else None)
     except ValueError as e:
         die(str(e))
-    if train_x.shape[1:] != (28, 28):
-        die(f"expected 28x28 images, the IDX file holds {train_x.shape[1]}x{train_x.shape[2]}")
+    train_x, train_y, test_x, test_y = arrays
+    if train_x.shape[1:] != (28, 28) or test_x.shape[1:] != (28, 28):
+        die(f"expected 28x28 images, the IDX files hold {train_x.shape[1]}x{train_x.shape[2]} and {test_x.shape[1]}x{test_x.shape[2]}")
     data = torch.from_numpy(train_x.copy()).to(device).view(len(train_x), -1).float().div_(127.5).sub_(1)  # seed: (x/255-0.5)/0.5
     N = len(data)
     if N < B:
@@ -417,8 +514,12 @@ def main(argv=None):
     log = {"script": SCRIPT, "config": cfg, "records": []}
     step, epoch, perm, sums, elapsed = 0, 1, None, None, 0.0
     if ckpt is not None:
-        G.load_state_dict(ckpt["G"]), D.load_state_dict(ckpt["D"])
-        opt_G.load_state_dict(ckpt["opt_G"]), opt_D.load_state_dict(ckpt["opt_D"])
+        try:
+            G.load_state_dict(ckpt["G"]), D.load_state_dict(ckpt["D"])
+            opt_G.load_state_dict(ckpt["opt_G"]), opt_D.load_state_dict(ckpt["opt_D"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            die(f"--resume: {ckpt_path} does not fit this run ({' '.join(str(e).split())[:220]}); "
+                "resume with the flags it was made with, or use a new --out_dir")
         for opt, lr in ((opt_G, cfg["lr"]), (opt_D, cfg["lr_d"])):  # a state_dict brings its old lr: the flags win
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -464,6 +565,71 @@ def main(argv=None):
             "perm": None if perm is None else perm.cpu(), "sums": sums,  # the epoch in progress
             "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None,
         }, ckpt_path)
+
+    # evaluation: the classifier is trained the first time it is needed and cached in out_dir, keyed by the data
+    ev = {"ref_logged": any("fd_real" in r for r in log["records"])}
+
+    def to_device(imgs):
+        return torch.from_numpy(imgs.copy()).to(device).view(len(imgs), -1).float().div_(127.5).sub_(1)
+
+    def _setup_eval():
+        digest = hashlib.sha1(b"".join(a.tobytes() for a in arrays) + b"Classifier 16-32-128").hexdigest()[:16]
+        path = os.path.join(cfg["out_dir"], f"classifier_{digest}.pt")
+        # a fixed slice of the training set is held out from the classifier: real images that stand in for the
+        # samples, so the reference figures (fd_real, kid_real, is_real) say what "as good as real data" reads
+        perm_ = torch.randperm(N, generator=torch.Generator().manual_seed(0)).to(device)
+        hold, fit = perm_[:min(cfg["eval_samples"], N // 6)], perm_[min(cfg["eval_samples"], N // 6):]
+        y = torch.from_numpy(train_y.astype(np.int64)).to(device)
+        x_test, y_test = to_device(test_x), torch.from_numpy(test_y.astype(np.int64)).to(device)
+        if os.path.exists(path):
+            saved_clf = torch.load(path, map_location=device, weights_only=True)
+            clf = Classifier().to(device)
+            clf.load_state_dict(saved_clf["state"])
+            clf.eval().requires_grad_(False)
+            acc = saved_clf["acc"]
+        else:
+            t = time.perf_counter()
+            clf = train_classifier(data[fit], y[fit], device)
+            acc = float((embed(clf, x_test)[1].argmax(1) == test_y).mean())
+            save_torch_atomic({"state": clf.state_dict(), "acc": acc, "digest": digest}, path)
+            print(f"evaluation classifier: trained in {time.perf_counter() - t:.0f}s on {len(fit)} images, "
+                  f"test accuracy {acc:.3f}; cached in {path}")
+        if acc < cfg["min_clf_acc"]:
+            print(f"warning: the evaluation classifier's test accuracy is {acc:.3f} (< --min_clf_acc {cfg['min_clf_acc']}): "
+                  "fd, kid, is and modes mean little with it", file=sys.stderr)
+        f_test, _ = embed(clf, x_test)
+        f_ref, p_ref = embed(clf, data[hold])
+        ev.update(clf=clf, f_test=f_test, test=gaussian(f_test), acc=acc, ref={
+            "clf_acc": acc, "fd_real": frechet_distance(*gaussian(f_ref), *gaussian(f_test)),
+            "kid_real": kid(f_ref, f_test), "is_real": classifier_score(p_ref)})
+
+    def setup_eval():
+        # building (or loading) the classifier draws weight inits: fork the RNG so training's stays as it was,
+        # whether the classifier is trained here or loaded on resume
+        with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
+            _setup_eval()
+
+    def evaluate():
+        """fd, kid, is, modes, kl_uniform of --eval_samples images from one fixed set of z."""
+        if "clf" not in ev:
+            setup_eval()
+        gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 2)  # its own RNG: training's is untouched
+        G.eval()
+        with torch.no_grad(), ctx:
+            imgs = torch.cat([G(torch.randn(len(c), cfg["latent_dim"], generator=gen, device=device)).float().flatten(1)
+                              for c in torch.arange(cfg["eval_samples"]).split(1000)])
+        G.train()
+        f, p = embed(ev["clf"], imgs)
+        share = np.bincount(p.argmax(1), minlength=10) / len(p)
+        out = {"fd": frechet_distance(*gaussian(f), *ev["test"]), "kid": kid(f, ev["f_test"]), "is": classifier_score(p),
+               "modes": int((share >= cfg["mode_share"]).sum()),
+               "kl_uniform": float((share[share > 0] * np.log(share[share > 0] * 10)).sum())}
+        print(f"eval epoch {epoch}: fd {out['fd']:.3f} (real data {ev['ref']['fd_real']:.3f}) kid {out['kid']:.4f} "
+              f"is {out['is']:.2f} (real data {ev['ref']['is_real']:.2f}) modes {out['modes']}/10 kl_uniform {out['kl_uniform']:.3f}")
+        if not ev["ref_logged"]:
+            out.update(ev["ref"])
+            ev["ref_logged"] = True
+        return out
 
     # Ctrl-C: finish the step, save a checkpoint, then stop (a second Ctrl-C stops at once)
     stop = {"signal": False}
@@ -592,6 +758,8 @@ def main(argv=None):
             record["time"] = elapsed + t0 - t_start
             if not end_of_epoch:
                 record["partial"] = True  # the epoch goes on after a resume, and this record is then replaced
+            if cfg["eval_interval"] and (step == total_steps or (end_of_epoch and epoch % cfg["eval_interval"] == 0)):
+                record.update(evaluate())  # evaluation figures join the record of their epoch
             log["records"].append(record)
             save_json_atomic(log, log_path)
             if end_of_epoch:
