@@ -326,7 +326,10 @@ def title_of(meta, label):
         bits.append(f"ds_decay_epochs {cfg.get('ds_decay_epochs')}, r1_interval {cfg.get('r1_interval')}")
     elif cfg.get("loss"):
         extra = f", r1 {cfg['r1']:g}" if cfg.get("r1") else ""
-        bits.append(f"loss {cfg['loss']}, lr {cfg.get('lr', 0):g}/{cfg.get('lr_d', 0):g}, n_critic {cfg.get('n_critic')}{extra}")
+        opt = cfg.get("optimizer", "")
+        betas = f" betas ({cfg['b1']:g}, {cfg['b2']:g})" if opt == "adam" and "b1" in cfg else ""
+        bits.append(f"loss {cfg['loss']}, {opt} lr {cfg.get('lr', 0):g}/{cfg.get('lr_d', 0):g} (G/D){betas}, "
+                    f"n_critic {cfg.get('n_critic')}{extra}")
     return " | ".join(str(b) for b in bits if b)
 
 

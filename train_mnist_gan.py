@@ -3,7 +3,7 @@ Seed 004's MNIST GAN (an MLP generator and discriminator), with every adversaria
 
     python train_mnist_gan.py                                   # seed 004: BCE, 200 epochs, batch 64
     python train_mnist_gan.py --dataset fashion --loss wgan-gp  # Fashion-MNIST, WGAN-GP
-    python train_mnist_gan.py --dataset fashion --max_iters 20 --device cpu   # smoke test, seconds
+    python train_mnist_gan.py --dataset fashion --max_iters 20 --eval_interval 0 --device cpu   # smoke test, seconds
     python train_mnist_gan.py --resume --out_dir out/mnist_gan  # continue exactly where it stopped
     python plot_losses.py out/mnist_gan/log.json                # the curves, and what they mean
 
