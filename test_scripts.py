@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -170,6 +171,11 @@ def test_mnist_gan_resume_is_exact(tiny_mnist, tmp_path):
     a, b, c = str(tmp_path / "straight"), str(tmp_path / "resumed"), str(tmp_path / "midepoch")
     ev = ["--eval_interval", 1, "--eval_samples", 200]
     run("train_mnist_gan.py", *mnist_args(tiny_mnist, a, "--epochs", 3, *ev))
+    # b and c find a's classifier in their cache: a trains it, b and c load it, and neither may move the RNG
+    cached = [f for f in os.listdir(a) if f.startswith("classifier_")]
+    for d in (b, c):
+        os.makedirs(d)
+        shutil.copy(os.path.join(a, cached[0]), d)
     run("train_mnist_gan.py", *mnist_args(tiny_mnist, b, "--epochs", 1, *ev))
     p = run("train_mnist_gan.py", "--resume", "--out_dir", b, "--epochs", 3)  # other flags from the checkpoint
     assert "resumed from" in p.stdout and "at step 16" in p.stdout
@@ -369,7 +375,7 @@ def test_mnist_download_checks_md5(loopback_server, tmp_path):
 def test_mnist_gan_finds_debian_fashion_mnist(tmp_path):
     out = str(tmp_path / "f")
     p = run("train_mnist_gan.py", "--dataset", "fashion", "--data_dir", tmp_path / "nothing_here", "--mirror",
-            "http://127.0.0.1:9/", "--out_dir", out, "--max_iters", 3, "--device", "cpu")
+            "http://127.0.0.1:9/", "--out_dir", out, "--max_iters", 3, "--eval_interval", 0, "--device", "cpu")
     assert "60000 images, 937 steps/epoch" in p.stdout
     assert load_log(out)["records"][0]["step"] == 3
 
@@ -489,12 +495,13 @@ def test_encode_preprocessing_resizes_shorter_side_and_center_crops():
 
 
 def test_encode_mean_is_deterministic_and_sample_draws(image_tree, tiny_vae, tmp_path):
+    import encode_latents as enc  # in-process: the same main() the command line runs, without 5 interpreter starts
     outs = {}
     for name, extra in (("a", []), ("b", []), ("s1", ["--mode", "sample"]), ("s2", ["--mode", "sample"]),
                         ("s3", ["--mode", "sample", "--seed", 5])):
         outs[name] = str(tmp_path / f"{name}.pt")
-        run("encode_latents.py", "--images", image_tree, "--vae", tiny_vae, "--size", 32, "--out", outs[name],
-            "--batch_size", 4, "--max_bad", 0.2, *extra)
+        enc.main(["--images", image_tree, "--vae", tiny_vae, "--size", "32", "--out", outs[name], "--batch_size", "4",
+                  "--max_bad", "0.2", "--device", "cpu", *map(str, extra)])
     a, b, s1, s2, s3 = (load_pt(outs[k]) for k in ("a", "b", "s1", "s2", "s3"))
     assert torch.equal(a["latents"], b["latents"])
     assert s1["mode"] == "sample" and torch.equal(s1["latents"], s2["latents"])  # seeded
