@@ -823,6 +823,7 @@ def main(argv=None):
         z_trg, z_2 = torch.randn(2, B, cfg["latent_dim"], device=device)
         # styles and fakes, once, before D's update. Calls are batched along dim 0: G, E and D have no batch-
         # dependent layers (instance norm is per sample), so this computes the same numbers as separate calls.
+        # (D's spectral norm takes one power-iteration step per call: one for the batch instead of one each.)
         # ds's two draws: like StarGAN v2, z_1 is the latent path's z_trg, so fake_1 is fake_lat.
         with ctx:
             s_ref, s_src = E_c(torch.cat([x_ref, content]), torch.cat([y_trg, y_src])).chunk(2)
