@@ -339,8 +339,7 @@ def plot(runs, labels, out, x, k_smooth, footer):
     import matplotlib.pyplot as plt
 
     keys = [k for k in curve_keys(runs) if k not in REFERENCE]
-    zero = [k for k in keys if all(np.nan_to_num(column(r, k), nan=0.0).max() == 0 == np.nan_to_num(column(r, k), nan=0.0).min()
-                                   for _, r in runs)]
+    zero = [k for k in keys if all(not np.nan_to_num(column(r, k)).any() for _, r in runs)]  # constant 0 (or missing)
     domain_fds = [k for k in keys if is_domain_fd(k)]
     keys = [k for k in keys if k not in zero and not (is_domain_fd(k) and "fd_mean" in keys)]
     ncol = min(4, max(1, len(keys)))

@@ -691,26 +691,27 @@ def main(argv=None):
         digest = hashlib.sha1(meta["latents"].numpy().tobytes() + meta["labels"].numpy().tobytes()
                               + f"{cfg['val_fraction']} DomainClassifier 32".encode()).hexdigest()[:16]
         path = os.path.join(cfg["out_dir"], f"classifier_{digest}.pt")
-        clf = DomainClassifier(C, K).to(device)
+        val, y_val = val_idx.cpu().numpy(), labels[val_idx].cpu().numpy()
         if os.path.exists(path):
             saved_clf = torch.load(path, map_location=device, weights_only=True)
+            clf = DomainClassifier(C, K).to(device)
             clf.load_state_dict(saved_clf["state"])
             clf.eval().requires_grad_(False)
+            f_all, _ = embed(clf, latents)
             acc = saved_clf["acc"]
         else:
             t = time.perf_counter()
             clf = train_domain_classifier(latents[train_sorted], labels[train_sorted], K, device)
-            acc = float((embed(clf, latents[val_idx])[1].argmax(1) == labels[val_idx].cpu().numpy()).mean())
+            f_all, p_all = embed(clf, latents)
+            acc = float((p_all[val].argmax(1) == y_val).mean())
             save_torch_atomic({"state": clf.state_dict(), "acc": acc, "digest": digest}, path)
             print(f"evaluation classifier: trained in {time.perf_counter() - t:.0f}s on {n_train} latents, held-out accuracy "
                   f"{acc:.3f}; cached in {path}")
         if acc < cfg["min_clf_acc"]:
             print(f"warning: the domain classifier's held-out accuracy is {acc:.3f} (< --min_clf_acc {cfg['min_clf_acc']}): "
                   "acc_ref, acc_lat and fd mean little with it", file=sys.stderr)
-        f_all, _ = embed(clf, latents)
         real = [gaussian(f_all[(meta["labels"] == d).numpy()]) for d in range(K)]  # every real latent of each domain
-        f_val = f_all[val_idx.cpu().numpy()]
-        y_val = labels[val_idx].cpu().numpy()
+        f_val = f_all[val]
         fd_real = np.mean([frechet_distance(*gaussian(f_val[y_val == d]), *real[d]) for d in range(K)])
         ev.update(clf=clf, real=real, ref={"clf_acc": acc, "fd_real": float(fd_real)})
 

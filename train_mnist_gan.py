@@ -490,7 +490,10 @@ def main(argv=None):
     train_x, train_y, test_x, test_y = arrays
     if train_x.shape[1:] != (28, 28) or test_x.shape[1:] != (28, 28):
         die(f"expected 28x28 images, the IDX files hold {train_x.shape[1]}x{train_x.shape[2]} and {test_x.shape[1]}x{test_x.shape[2]}")
-    data = torch.from_numpy(train_x.copy()).to(device).view(len(train_x), -1).float().div_(127.5).sub_(1)  # seed: (x/255-0.5)/0.5
+
+    def to_device(imgs):  # uint8 (N, 28, 28) -> (N, 784) in [-1, 1] on the device, as seed 004's (x/255 - 0.5) / 0.5
+        return torch.from_numpy(imgs.copy()).to(device).view(len(imgs), -1).float().div_(127.5).sub_(1)
+    data = to_device(train_x)
     N = len(data)
     if N < B:
         die(f"--batch_size {B} is larger than the training set ({N} images)")
@@ -569,9 +572,6 @@ def main(argv=None):
     # evaluation: the classifier is trained the first time it is needed and cached in out_dir, keyed by the data
     ev = {"ref_logged": any("fd_real" in r for r in log["records"])}
 
-    def to_device(imgs):
-        return torch.from_numpy(imgs.copy()).to(device).view(len(imgs), -1).float().div_(127.5).sub_(1)
-
     def _setup_eval():
         digest = hashlib.sha1(b"".join(a.tobytes() for a in arrays) + b"Classifier 16-32-128").hexdigest()[:16]
         path = os.path.join(cfg["out_dir"], f"classifier_{digest}.pt")
@@ -580,26 +580,27 @@ def main(argv=None):
         perm_ = torch.randperm(N, generator=torch.Generator().manual_seed(0)).to(device)
         hold, fit = perm_[:min(cfg["eval_samples"], N // 6)], perm_[min(cfg["eval_samples"], N // 6):]
         y = torch.from_numpy(train_y.astype(np.int64)).to(device)
-        x_test, y_test = to_device(test_x), torch.from_numpy(test_y.astype(np.int64)).to(device)
+        x_test = to_device(test_x)
         if os.path.exists(path):
             saved_clf = torch.load(path, map_location=device, weights_only=True)
             clf = Classifier().to(device)
             clf.load_state_dict(saved_clf["state"])
             clf.eval().requires_grad_(False)
+            f_test, _ = embed(clf, x_test)
             acc = saved_clf["acc"]
         else:
             t = time.perf_counter()
             clf = train_classifier(data[fit], y[fit], device)
-            acc = float((embed(clf, x_test)[1].argmax(1) == test_y).mean())
+            f_test, p_test = embed(clf, x_test)
+            acc = float((p_test.argmax(1) == test_y).mean())
             save_torch_atomic({"state": clf.state_dict(), "acc": acc, "digest": digest}, path)
             print(f"evaluation classifier: trained in {time.perf_counter() - t:.0f}s on {len(fit)} images, "
                   f"test accuracy {acc:.3f}; cached in {path}")
         if acc < cfg["min_clf_acc"]:
             print(f"warning: the evaluation classifier's test accuracy is {acc:.3f} (< --min_clf_acc {cfg['min_clf_acc']}): "
                   "fd, kid, is and modes mean little with it", file=sys.stderr)
-        f_test, _ = embed(clf, x_test)
         f_ref, p_ref = embed(clf, data[hold])
-        ev.update(clf=clf, f_test=f_test, test=gaussian(f_test), acc=acc, ref={
+        ev.update(clf=clf, f_test=f_test, test=gaussian(f_test), ref={
             "clf_acc": acc, "fd_real": frechet_distance(*gaussian(f_ref), *gaussian(f_test)),
             "kid_real": kid(f_ref, f_test), "is_real": classifier_score(p_ref)})
 
