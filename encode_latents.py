@@ -1,22 +1,25 @@
 """
-Image folders (one sub-folder per domain) to unscaled SD-VAE latents in one .pt, for train_latent_stargan.py.
+Image folders (one sub-folder per domain) to unscaled SD-VAE latents in one .pt, for the trainer.
 
-    python encode_latents.py --images data/afhq/train --out data/afhq.pt           # AFHQ: cat, dog, wild
+    python encode_latents.py --images data/afhq/train --out data/afhq.pt         # cat, dog, wild
     python encode_latents.py --images data/afhq/train --domains cat,dog --out data/catdog.pt
-    python encode_latents.py --source idx --images /usr/share/datasets/fashion-mnist --classes 5,7,9 \\
-        --size 64 --out data/shoes.pt                                # Fashion-MNIST sandal/sneaker/boot, offline
+    python encode_latents.py --source idx --images /usr/share/datasets/fashion-mnist \\
+        --classes 5,7,9 --size 64 --out data/shoes.pt   # Fashion-MNIST sandal/sneaker/boot, offline
     python encode_latents.py ... --resume          # continue an interrupted encode where it stopped
     python encode_latents.py ... --decode_check 8  # decode 8 latents back: a PNG and the PSNR
-    python encode_latents.py ... --vae ./sd-vae-ft-mse   # a local copy of the VAE (offline machines)
+    python encode_latents.py ... --vae ./sd-vae-ft-mse   # a local copy of the VAE (offline)
 
-Each image: RGB (grayscale repeated), shorter side resized to --size (bicubic, antialiased), center crop,
-scaled to [-1, 1], encoded by diffusers' AutoencoderKL. The latent is latent_dist.mean (deterministic), or
-a draw with --mode sample. It is stored UNSCALED, in float16: the trainer multiplies by the scaling factor.
+Each image: RGB (grayscale repeated), shorter side resized to --size (bicubic, antialiased),
+center crop, scaled to [-1, 1], encoded by diffusers' AutoencoderKL. The latent is
+latent_dist.mean (deterministic), or a draw with --mode sample. It is stored UNSCALED, in float16:
+the trainer multiplies by the scaling factor.
 
 Output (read by train_latent_stargan.py):
-    {"latents": float16 (N, 4, size/8, size/8), "labels": int64 (N,), "domains": [...], "paths": [...],
-     "vae": ..., "subfolder": ..., "scaling_factor": 0.18215, "image_size": size, "mode": "mean" | "sample"}
+    {"latents": float16 (N, 4, size/8, size/8), "labels": int64 (N,), "domains": [...],
+     "paths": [...], "vae": ..., "subfolder": ..., "scaling_factor": 0.18215, "image_size": size,
+     "mode": "mean" | "sample"}
 """
+
 import argparse
 import gzip
 import hashlib
@@ -35,235 +38,79 @@ import torch
 SCRIPT = "encode_latents.py"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # the SD 1.x latent space
+# what an interrupted encode must share with its --resume
+RESUME_KEYS = (
+    "images",
+    "source",
+    "domains",
+    "classes",
+    "max_per_domain",
+    "size",
+    "vae",
+    "subfolder",
+    "mode",
+    "seed",
+    "batch_size",
+    "shard_size",
+    "dtype",
+)
 
 # -----------------------------------------------------------------------------
-# what to encode: (source path, label) items, in a fixed order
+# flags
 
-def list_folder(images, domains=None):
-    """Items (path relative to images, label) from images/<domain>/**, domains sorted (or as given)."""
-    if not os.path.isdir(images):
-        raise ValueError(f"--images {images}: no such folder")
-    found = sorted(d for d in os.listdir(images) if os.path.isdir(os.path.join(images, d)) and not d.startswith("."))
-    if domains:
-        missing = [d for d in domains if d not in found]
-        if missing:
-            raise ValueError(f"--domains: no folder {', '.join(missing)} in {images} (found: {', '.join(found) or 'none'})")
-        found = domains
-    if len(found) < 2:
-        raise ValueError(f"{images} has {len(found)} domain folder(s) ({', '.join(found) or 'none'}); the StarGAN "
-                         "translates between domains, so it needs at least 2: one sub-folder per domain")
-    items = []
-    for label, d in enumerate(found):
-        files = []
-        for root, dirs, names in os.walk(os.path.join(images, d)):
-            dirs.sort()
-            files += [os.path.relpath(os.path.join(root, n), images) for n in sorted(names)
-                      if n.lower().endswith(IMAGE_EXTS) and not n.startswith(".")]
-        if not files:
-            raise ValueError(f"domain '{d}' ({os.path.join(images, d)}) has no images ({' '.join(IMAGE_EXTS)})")
-        items += [(f, label) for f in files]
-    return items, found
-
-
-def read_idx(path):
-    """An IDX file (raw or .gz) as a uint8 numpy array: (N, rows, cols) for images, (N,) for labels.
-    Raises ValueError with a message a person can act on when the file is not a complete IDX file."""
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:  # gzip raises BadGzipFile (an OSError) or EOFError when truncated
-        raise ValueError(f"{path}: cannot be read ({e}); delete it so it is downloaded again") from None
-    if len(raw) < 8:
-        raise ValueError(f"{path}: {len(raw)} bytes, too short for an IDX header; delete it and download it again")
-    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != 0x08 or ndim not in (1, 3):
-        raise ValueError(f"{path}: bad magic number 0x{int.from_bytes(raw[:4], 'big'):08x} "
-                         "(expected 0x00000801 for labels or 0x00000803 for images): not an IDX file")
-    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
-    body = raw[4 + 4 * ndim:]
-    if len(body) != math.prod(dims):
-        raise ValueError(f"{path}: header says {'x'.join(map(str, dims))} = {math.prod(dims)} bytes of data, "
-                         f"file has {len(body)}: truncated or corrupt; delete it and download it again")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
-
-
-def list_idx(images, classes, max_per_domain=0):
-    """Items ('<images file>#<index>', label) of the chosen classes of an IDX training set; the images array."""
-    def find(stem):
-        for name in (stem + ".gz", stem):
-            if os.path.exists(os.path.join(images, name)):
-                return name
-        raise ValueError(f"--source idx: no {stem}(.gz) in {images}")
-    if not os.path.isdir(images):
-        raise ValueError(f"--images {images}: no such folder")
-    img_name, lab_name = find("train-images-idx3-ubyte"), find("train-labels-idx1-ubyte")
-    imgs, labels = read_idx(os.path.join(images, img_name)), read_idx(os.path.join(images, lab_name))
-    if imgs.ndim != 3 or labels.ndim != 1 or len(imgs) != len(labels):
-        raise ValueError(f"{images}: {img_name} and {lab_name} do not form an image set with one label per image")
-    present = sorted(set(labels.tolist()))
-    missing = [c for c in classes if c not in present]
-    if missing:
-        raise ValueError(f"--classes {','.join(map(str, missing))}: not among the labels in {images} "
-                         f"({','.join(map(str, present))})")
-    if len(classes) < 2:
-        raise ValueError("--classes needs at least 2 classes: each becomes a domain")
-    items = []
-    for label, c in enumerate(classes):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[:max_per_domain] if max_per_domain else idx
-        items += [(f"{img_name}#{i}", label) for i in idx.tolist()]
-    return items, [str(c) for c in classes], imgs
-
-# -----------------------------------------------------------------------------
-# preprocessing: PIL, in DataLoader workers; uint8 leaves the worker, the device makes the floats
-
-def to_square(img, size):
-    """A PIL image -> uint8 tensor (3, size, size): RGB, shorter side resized to size (bicubic), center crop."""
-    from PIL import Image
-    w, h = img.size
-    scale = size / min(w, h)
-    if img.format == "JPEG" and scale < 0.5:  # let the JPEG decoder skip what the resize would throw away
-        img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-        w, h = img.size
-        scale = size / min(w, h)
-    img = img.convert("RGB")
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-class Items(torch.utils.data.Dataset):
-    """Item i -> (uint8 (3, size, size), i, error message or ''). An unreadable image gives zeros and its error."""
-
-    def __init__(self, items, root, size, idx_images=None):
-        self.items, self.root, self.size, self.idx_images = items, root, size, idx_images
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        path = self.items[i][0]
-        try:
-            if self.idx_images is not None:
-                img = Image.fromarray(self.idx_images[int(path.rsplit("#", 1)[1])], mode="L")
-            else:
-                img = Image.open(os.path.join(self.root, path))
-                img.load()
-            return to_square(img, self.size), i, ""
-        except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), i, f"{type(e).__name__}: {e}"
-
-# -----------------------------------------------------------------------------
-# the VAE
-
-def load_vae(name, subfolder, device, dtype):
-    """diffusers' AutoencoderKL from a Hub id or a local folder, in eval mode. ValueError says how to fix it."""
-    from diffusers import AutoencoderKL
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.utils import logging as hub_logging
-    levels = diffusers_logging.get_verbosity(), hub_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error(), hub_logging.set_verbosity_error()  # no retry chatter: one line, ours
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            vae = AutoencoderKL.from_pretrained(name, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=False)
-    except Exception as e:  # OSError offline or for a wrong folder, ValueError for a bad id, ...
-        where = f"'{name}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
-        local = os.path.basename(name.rstrip("/")) or "vae"
-        raise ValueError(f"cannot load the VAE {where}: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]} "
-                         f"Offline? Download it where there is a network (hf download {name} --local-dir {local}), "
-                         f"copy the folder here and pass it: --vae {local}") from None
-    finally:
-        diffusers_logging.set_verbosity(levels[0]), hub_logging.set_verbosity(levels[1])
-    return vae.to(device).eval().requires_grad_(False)
-
-# -----------------------------------------------------------------------------
-# files
-
-def save_torch_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_json_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def save_grid(images, path, nrow, pad=2, scale=1):
-    """images (N, C, H, W) in [-1, 1], C = 1 or 3, to one PNG of nrow columns on a black background."""
-    from PIL import Image
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    n, c, h, w = x.shape
-    ncol = math.ceil(n / nrow)
-    grid = torch.zeros(c, pad + ncol * (h + pad), pad + nrow * (w + pad), dtype=torch.uint8)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = x[i]
-    img = Image.fromarray(grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy())
-    if scale != 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
-
-# -----------------------------------------------------------------------------
-# config
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(
+        description=__doc__.split("\n\n")[0].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # fmt: off
     # input
-    p.add_argument("--images", required=True, help="folder with one sub-folder per domain (or, with --source idx, IDX files)")
-    p.add_argument("--source", choices=("folder", "idx"), default="folder", help="image folders (default) or an MNIST-format IDX set")
-    p.add_argument("--domains", default=None, help="comma-separated sub-folders to use, in this order (default: all, sorted)")
-    p.add_argument("--classes", default=None, help="--source idx: comma-separated labels, each becomes a domain (e.g. 5,7,9)")
-    p.add_argument("--max_per_domain", type=int, default=0, help="at most this many images per domain (default 0: all)")
-    p.add_argument("--size", type=int, default=256, help="square image size in pixels, a multiple of 8 (default 256: 32x32 latents)")
+    p.add_argument("--images", required=True,
+                   help="folder with one sub-folder per domain (or, with --source idx, IDX files)")
+    p.add_argument("--source", choices=("folder", "idx"), default="folder",
+                   help="image folders (default) or an MNIST-format IDX set")
+    p.add_argument("--domains", default=None,
+                   help="comma-separated sub-folders to use, in this order (default: all, sorted)")
+    p.add_argument("--classes", default=None,
+                   help="--source idx: comma-separated labels, each becomes a domain (e.g. 5,7,9)")
+    p.add_argument("--max_per_domain", type=nonneg_int, default=0,
+                   help="at most this many images per domain (default 0: all)")
+    p.add_argument("--size", type=multiple_of_8, default=256,
+                   help="square image size in pixels, a multiple of 8 (default 256: 32x32 latents)")
     # VAE
-    p.add_argument("--vae", default=DEFAULT_VAE, help=f"Hub id or local folder of a diffusers AutoencoderKL (default {DEFAULT_VAE})")
-    p.add_argument("--subfolder", default=None, help="subfolder of --vae that holds the VAE (e.g. vae, for a whole SD pipeline repo)")
-    p.add_argument("--mode", choices=("mean", "sample"), default="mean", help="latent_dist.mean (default, deterministic) or a draw")
+    p.add_argument("--vae", default=DEFAULT_VAE,
+                   help=f"Hub id or local folder of a diffusers AutoencoderKL ({DEFAULT_VAE})")
+    p.add_argument("--subfolder", default=None,
+                   help="subfolder of --vae that holds the VAE (vae, for a whole SD pipeline repo)")
+    p.add_argument("--mode", choices=("mean", "sample"), default="mean",
+                   help="latent_dist.mean (default, deterministic) or a draw")
     p.add_argument("--seed", type=int, default=0, help="seed of --mode sample's draws")
     # output
-    p.add_argument("--out", default="data/latents.pt", help="output .pt (default data/latents.pt); progress goes to <out>.parts/")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted encode from <out>.parts/")
-    p.add_argument("--decode_check", type=int, default=0, metavar="N", help="decode N stored latents: PNG of originals above "
-                                                                            "reconstructions (<out>_check.png) and the PSNR")
-    p.add_argument("--max_bad", type=float, default=0.01, help="stop when more than this share of the images cannot be read (default 0.01)")
+    p.add_argument("--out", default="data/latents.pt",
+                   help="output .pt (default data/latents.pt); progress goes to <out>.parts/")
+    p.add_argument("--resume", action="store_true", help="continue an encode from <out>.parts/")
+    p.add_argument("--decode_check", type=nonneg_int, default=0, metavar="N",
+                   help="decode N stored latents: originals above reconstructions in "
+                        "<out>_check.png, and the PSNR")
+    p.add_argument("--max_bad", type=unit_float, default=0.01,
+                   help="stop when more than this share of the images cannot be read")
     # system
-    p.add_argument("--batch_size", type=int, default=32, help="images per VAE call (default 32)")
-    p.add_argument("--shard_size", type=int, default=4096, help="latents per progress shard, rounded up to whole batches (default 4096)")
-    p.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: 8 on CUDA, capped by the CPUs; 0 on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu, ...")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="images per VAE call")
+    p.add_argument("--shard_size", type=positive_int, default=4096,
+                   help="latents per progress shard, rounded up to whole batches")
+    p.add_argument("--workers", type=nonneg_int, default=None,
+                   help="image-decoding processes (default: 0 on CPU, up to 8 on CUDA)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda, cuda:1, cpu, ...")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="VAE precision (default float16 on CUDA, float32 on CPU)")
+    # fmt: on
     return p
-
-
-def die(msg):
-    """A user mistake: one line on stderr and exit status 2, no traceback."""
-    print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def parse_config(argv=None):
     cfg = vars(build_parser().parse_args(argv))
-    if cfg["size"] < 8 or cfg["size"] % 8:
-        die(f"--size must be a positive multiple of 8 (the VAE downsamples 8x), got {cfg['size']}")
-    for k in ("batch_size", "shard_size"):
-        if cfg[k] < 1:
-            die(f"--{k} must be at least 1, got {cfg[k]}")
-    for k in ("decode_check", "max_per_domain"):
-        if cfg[k] < 0:
-            die(f"--{k} must be zero or positive, got {cfg[k]}")
-    if not 0 <= cfg["max_bad"] < 1:
-        die(f"--max_bad is a share of the images, in [0, 1), got {cfg['max_bad']}")
     if cfg["source"] == "idx":
         if not cfg["classes"]:
             die("--source idx needs --classes, e.g. --classes 5,7,9")
@@ -283,74 +130,412 @@ def parse_config(argv=None):
     cfg["dtype"] = cfg["dtype"] or ("float16" if dev.type == "cuda" else "float32")
     if cfg["workers"] is None:
         cfg["workers"] = min(8, (os.cpu_count() or 2) - 1) if dev.type == "cuda" else 0
-    cfg["shard_size"] = math.ceil(cfg["shard_size"] / cfg["batch_size"]) * cfg["batch_size"]  # whole batches
+    cfg["shard_size"] = math.ceil(cfg["shard_size"] / cfg["batch_size"]) * cfg["batch_size"]
     return cfg
 
+
 # -----------------------------------------------------------------------------
+# argparse with one-line errors, and the types that check a flag's range
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse, with the project's one-line error for a mistyped flag instead of a usage dump."""
+
+    def error(self, message):
+        die(message)
+
+
+def die(msg):
+    """A user mistake: one line on stderr and exit status 2, no traceback."""
+    print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check(text, kind, ok, what):
+    """An argparse type's work: text -> kind, refused in one line unless ok(value)."""
+    value = kind(text)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
+def positive_int(text):
+    return check(text, int, lambda v: v >= 1, "at least 1")
+
+
+def nonneg_int(text):
+    return check(text, int, lambda v: v >= 0, "zero or positive")
+
+
+def unit_float(text):
+    return check(text, float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def multiple_of_8(text):
+    return check(
+        text,
+        int,
+        lambda v: v >= 8 and v % 8 == 0,
+        "a positive multiple of 8 (the VAE downsamples 8x)",
+    )
+
+
+# -----------------------------------------------------------------------------
+# what to encode: (source path, label) items, in a fixed order
+
+
+def list_folder(images, domains=None):
+    """Items (path relative to images, label) from images/<domain>/**, domains sorted or given."""
+    if not os.path.isdir(images):
+        raise ValueError(f"--images {images}: no such folder")
+    found = sorted(
+        d for d in os.listdir(images) if os.path.isdir(os.path.join(images, d)) and d[0] != "."
+    )
+    if domains:
+        missing = [d for d in domains if d not in found]
+        if missing:
+            raise ValueError(
+                f"--domains: no folder {', '.join(missing)} in {images} (found: "
+                f"{', '.join(found) or 'none'})"
+            )
+        found = domains
+    if len(found) < 2:
+        raise ValueError(
+            f"{images} has {len(found)} domain folder(s) ({', '.join(found) or 'none'})"
+            "; the StarGAN translates between domains, so it needs at least 2: one "
+            "sub-folder per domain"
+        )
+    items = []
+    for label, d in enumerate(found):
+        files = image_files(os.path.join(images, d), images)
+        if not files:
+            raise ValueError(
+                f"domain '{d}' ({os.path.join(images, d)}) has no images ({' '.join(IMAGE_EXTS)})"
+            )
+        items += [(f, label) for f in files]
+    return items, found
+
+
+def image_files(folder, relative_to):
+    """The image files under folder, sub-folders included, sorted, as paths relative_to."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for n in sorted(names):
+            if n.lower().endswith(IMAGE_EXTS) and not n.startswith("."):
+                files.append(os.path.relpath(os.path.join(root, n), relative_to))
+    return files
+
+
+def read_idx(path):
+    """An IDX file (raw or .gz) as a uint8 numpy array: (N, rows, cols) for images, (N,) for labels.
+    Raises ValueError with a message a person can act on when it is not a complete IDX file."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # a broken gzip: BadGzipFile (an OSError) or EOFError
+        raise ValueError(
+            f"{path}: cannot be read ({e}); delete it so it is downloaded again"
+        ) from None
+    if len(raw) < 8:
+        raise ValueError(
+            f"{path}: {len(raw)} bytes, too short for an IDX header; download it again"
+        )
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08 or ndim not in (1, 3):
+        raise ValueError(
+            f"{path}: bad magic number 0x{int.from_bytes(raw[:4], 'big'):08x} (expected "
+            "0x00000801 for labels or 0x00000803 for images): not an IDX file"
+        )
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    body = raw[4 + 4 * ndim :]
+    if len(body) != math.prod(dims):
+        raise ValueError(
+            f"{path}: header says {'x'.join(map(str, dims))} = {math.prod(dims)} bytes of data, "
+            f"file has {len(body)}: truncated or corrupt; delete it and download it again"
+        )
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def list_idx(images, classes, max_per_domain=0):
+    """Items ('<images file>#<index>', label) of the chosen classes of an IDX training set, the
+    domain names, and the images array."""
+    if not os.path.isdir(images):
+        raise ValueError(f"--images {images}: no such folder")
+    names = []
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        found = [n for n in (stem + ".gz", stem) if os.path.exists(os.path.join(images, n))]
+        if not found:
+            raise ValueError(f"--source idx: no {stem}(.gz) in {images}")
+        names.append(found[0])
+    imgs, labels = (read_idx(os.path.join(images, n)) for n in names)
+    if imgs.ndim != 3 or labels.ndim != 1 or len(imgs) != len(labels):
+        raise ValueError(
+            f"{images}: {names[0]} and {names[1]} do not form an image set with one label per image"
+        )
+    present = sorted(set(labels.tolist()))
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise ValueError(
+            f"--classes {','.join(map(str, missing))}: not among the labels in "
+            f"{images} ({','.join(map(str, present))})"
+        )
+    if len(classes) < 2:
+        raise ValueError("--classes needs at least 2 classes: each becomes a domain")
+    items = []
+    for label, c in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[:max_per_domain] if max_per_domain else idx
+        items += [(f"{names[0]}#{i}", label) for i in idx.tolist()]
+    return items, [str(c) for c in classes], imgs
+
+
+# -----------------------------------------------------------------------------
+# preprocessing: PIL, in DataLoader workers; uint8 leaves the worker, the device makes the floats
+
+
+def to_square(img, size):
+    """A PIL image -> uint8 (3, size, size): RGB, shorter side resized to size (bicubic), center
+    crop. A big JPEG is decoded at a reduced scale first."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    if img.format == "JPEG" and scale < 0.5:  # the decoder skips what the resize would throw away
+        img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        w, h = img.size
+        scale = size / min(w, h)
+    img = img.convert("RGB")
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class Items(torch.utils.data.Dataset):
+    """Item i -> (uint8 (3, size, size), i, error message or ''). An unreadable image gives zeros
+    and its error."""
+
+    def __init__(self, items, root, size, idx_images=None):
+        self.items, self.root, self.size, self.idx_images = items, root, size, idx_images
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path = self.items[i][0]
+        try:
+            if self.idx_images is not None:
+                img = Image.fromarray(self.idx_images[int(path.rsplit("#", 1)[1])], mode="L")
+            else:
+                img = Image.open(os.path.join(self.root, path))
+                img.load()
+            return to_square(img, self.size), i, ""
+        except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, ...)
+            return (
+                torch.zeros(3, self.size, self.size, dtype=torch.uint8),
+                i,
+                f"{type(e).__name__}: {e}",
+            )
+
+
+def load_vae(name, subfolder, device, dtype):
+    """diffusers' AutoencoderKL from a Hub id or a local folder, in eval mode. ValueError says
+    how to fix it."""
+    from diffusers import AutoencoderKL
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
+
+    levels = diffusers_logging.get_verbosity(), hub_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error(), hub_logging.set_verbosity_error()  # one line: ours
+    try:
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")
+            kw = dict(subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=False)
+            vae = AutoencoderKL.from_pretrained(name, **kw)
+    except Exception as e:  # OSError offline or for a wrong folder, ValueError for a bad id, ...
+        where = f"'{name}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
+        local = os.path.basename(name.rstrip("/")) or "vae"
+        raise ValueError(
+            f"cannot load the VAE {where}: {type(e).__name__}: {first_line(e, 160)} Offline? "
+            f"Download it where there is a network (hf download {name} --local-dir {local}), "
+            f"copy the folder here and pass it: --vae {local}"
+        ) from None
+    finally:
+        diffusers_logging.set_verbosity(levels[0]), hub_logging.set_verbosity(levels[1])
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def first_line(e, n=150):
+    return (str(e).strip().splitlines() or [""])[0][:n]
+
+
+# -----------------------------------------------------------------------------
+# files: atomic writes; the progress shards of an encode, and the file they make
+
+
+def save_torch_atomic(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_json_atomic(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def save_grid(images, path, nrow, pad=2, scale=1):
+    """images (N, C, H, W) in [-1, 1], C = 1 or 3, to one PNG of nrow columns on black."""
+    from PIL import Image
+
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    grid = torch.zeros(c, pad + math.ceil(n / nrow) * (h + pad), pad + nrow * (w + pad))
+    for i in range(n):
+        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        grid[:, top : top + h, left : left + w] = x[i]
+    grid = grid.to(torch.uint8)
+    img = Image.fromarray(grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy())
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+
+
+def open_parts(cfg, parts, manifest, n_shards):
+    """The shards an interrupted encode finished in the parts folder (with --resume), or none. One
+    line and exit 2 for an interrupted encode without --resume, or one with other flags."""
+    manifest_path = os.path.join(parts, "manifest.json")
+    if os.path.isdir(parts) and not cfg["resume"]:
+        die(
+            f"an interrupted encode is in {parts}: continue it with --resume, or delete that "
+            "folder to start over"
+        )
+    if not cfg["resume"]:
+        return set()
+    if not os.path.isdir(parts):
+        print(f"--resume: no interrupted encode at {parts}; starting from the beginning")
+        return set()
+    try:
+        with open(manifest_path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        die(f"--resume: {manifest_path} is missing or unreadable; delete {parts} to start over")
+    diff = [k for k in manifest if old.get(k) != manifest[k]]
+    if diff:
+        what = ", ".join(
+            "the image list" if k in ("items", "n") else f"--{k} {old.get(k)}" for k in diff
+        )
+        die(
+            f"--resume: the interrupted encode in {parts} had {what}; resume with the same flags "
+            f"and images, or delete {parts} to start over"
+        )
+    done = {k for k in range(n_shards) if os.path.exists(shard_path(parts, k))}
+    print(f"resuming: {len(done)} of {n_shards} shards done")
+    return done
+
+
+def shard_path(parts, k):
+    return os.path.join(parts, f"shard_{k:05d}.pt")
+
+
+def assemble(parts, n_shards, items):
+    """(latents, index of each latent in items) from the finished shards, in order."""
+    index, latents = [], []
+    for k in range(n_shards):
+        s = torch.load(shard_path(parts, k), weights_only=True)
+        if len(s["index"]):
+            index.append(s["index"]), latents.append(s["latents"])
+    return torch.cat(latents), torch.cat(index)
+
+
+def decode_check(vae, result, index, items, cfg, idx_images, device, dtype):
+    """Decode a few stored latents, spread over the domains: originals above reconstructions in
+    <out>_check.png, and the PSNR between them."""
+    m = min(cfg["decode_check"], len(index))
+    pick = torch.linspace(0, len(index) - 1, m).round().long().tolist()
+    ds = Items(items, cfg["images"], cfg["size"], idx_images)
+    orig = torch.stack([ds[index[j].item()][0] for j in pick]).float() / 127.5 - 1
+    with torch.no_grad():
+        rec = vae.decode(result["latents"][pick].to(device, dtype)).sample.float()
+    rec = rec.clamp(-1, 1).cpu()
+    mse = ((orig - rec) / 2).pow(2).flatten(1).mean(1)  # on the [0, 1] scale
+    psnr = (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
+    check = os.path.splitext(cfg["out"])[0] + "_check.png"
+    save_grid(torch.cat([orig, rec]), check, nrow=m)
+    print(
+        f"decode check: {m} latents decoded, PSNR {psnr:.2f} dB (originals above "
+        f"reconstructions in {check})"
+    )
+
+
+# -----------------------------------------------------------------------------
+
 
 def main(argv=None):
     cfg = parse_config(argv)
     device = torch.device(cfg["device"])
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg["dtype"]]
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    dtype = dtype[cfg["dtype"]]
     out, parts = cfg["out"], cfg["out"] + ".parts"
 
     # what to encode
+    idx_images = None
     try:
         if cfg["source"] == "idx":
-            items, domains, idx_images = list_idx(cfg["images"], cfg["classes"], cfg["max_per_domain"])
+            items, domains, idx_images = list_idx(
+                cfg["images"], cfg["classes"], cfg["max_per_domain"]
+            )
         else:
             items, domains = list_folder(cfg["images"], cfg["domains"])
-            idx_images = None
-            if cfg["max_per_domain"]:
-                items = [it for d in range(len(domains)) for it in [x for x in items if x[1] == d][:cfg["max_per_domain"]]]
     except ValueError as e:
         die(str(e))
-    n = len(items)
-    S, B = cfg["shard_size"], cfg["batch_size"]
+    if cfg["source"] == "folder" and cfg["max_per_domain"]:
+        per = [
+            [it for it in items if it[1] == d][: cfg["max_per_domain"]] for d in range(len(domains))
+        ]
+        items = [it for group in per for it in group]
+    n, S, B = len(items), cfg["shard_size"], cfg["batch_size"]
     n_shards = math.ceil(n / S)
 
-    # progress: shards of whole batches in <out>.parts, described by a manifest; --resume skips the finished ones
-    keys = ("images", "source", "domains", "classes", "max_per_domain", "size", "vae", "subfolder", "mode", "seed",
-            "batch_size", "shard_size", "dtype")
-    manifest = {"script": SCRIPT, **{k: cfg[k] for k in keys},
-                "items": hashlib.sha1(json.dumps(items).encode()).hexdigest(), "n": n}
-    manifest_path = os.path.join(parts, "manifest.json")
-    if os.path.isdir(parts) and not cfg["resume"]:
-        die(f"an interrupted encode is in {parts}: continue it with --resume, or delete that folder to start over")
-    done = set()
-    if cfg["resume"] and os.path.isdir(parts):
-        try:
-            with open(manifest_path) as f:
-                old = json.load(f)
-        except (OSError, ValueError):
-            die(f"--resume: {manifest_path} is missing or unreadable; delete {parts} to start over")
-        diff = [k for k in manifest if old.get(k) != manifest[k]]
-        if diff:
-            what = ", ".join("the image list" if k in ("items", "n") else f"--{k} {old.get(k)}" for k in diff)
-            die(f"--resume: the interrupted encode in {parts} had {what}; resume with the same flags and images, "
-                f"or delete {parts} to start over")
-        done = {k for k in range(n_shards) if os.path.exists(os.path.join(parts, f"shard_{k:05d}.pt"))}
-        print(f"resuming: {len(done)} of {n_shards} shards done")
-    elif cfg["resume"]:
-        print(f"--resume: no interrupted encode at {parts}; starting from the beginning")
+    # progress: shards of whole batches in <out>.parts, described by a manifest; --resume skips
+    # the finished ones
+    digest = hashlib.sha1(json.dumps(items).encode()).hexdigest()
+    manifest = {"script": SCRIPT, **{k: cfg[k] for k in RESUME_KEYS}, "items": digest, "n": n}
+    done = open_parts(cfg, parts, manifest, n_shards)
     try:  # before any progress folder exists: a VAE that does not load leaves nothing behind
         vae = load_vae(cfg["vae"], cfg["subfolder"], device, dtype)
     except ValueError as e:
         die(str(e))
     os.makedirs(parts, exist_ok=True)
-    save_json_atomic(manifest, manifest_path)
+    save_json_atomic(manifest, os.path.join(parts, "manifest.json"))
+    memory_format = torch.contiguous_format
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        vae = vae.to(memory_format=torch.channels_last)
+        memory_format = torch.channels_last
+        vae = vae.to(memory_format=memory_format)
     scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
 
-    # the encode loop: one DataLoader over the shards still to do, in order, so batches are those of a full run
+    # the encode loop: one DataLoader over the shards still to do, in order, so the batches are a
+    # full run's
     todo = [k for k in range(n_shards) if k not in done]
     order = [i for k in todo for i in range(k * S, min((k + 1) * S, n))]
+    dataset = torch.utils.data.Subset(Items(items, cfg["images"], cfg["size"], idx_images), order)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(Items(items, cfg["images"], cfg["size"], idx_images), order), batch_size=B,
-        num_workers=cfg["workers"], pin_memory=device.type == "cuda", persistent_workers=False)
-    bad = [(path, err) for k in sorted(done) for path, err in torch.load(os.path.join(parts, f"shard_{k:05d}.pt"), weights_only=True)["bad"]]
+        dataset, batch_size=B, num_workers=cfg["workers"], pin_memory=device.type == "cuda"
+    )
+    bad = [
+        tuple(b)
+        for k in sorted(done)
+        for b in torch.load(shard_path(parts, k), weights_only=True)["bad"]
+    ]
     t0 = t_print = time.perf_counter()
     n_done, shard, is_tty = 0, None, sys.stdout.isatty()
     for x, idx, errs in loader:
@@ -364,74 +549,78 @@ def main(argv=None):
                 shard["bad"].append((items[i][0], e))
                 bad.append((items[i][0], e))
         if len(bad) > cfg["max_bad"] * n:
-            die(f"{len(bad)} of {n} images could not be read, more than --max_bad {cfg['max_bad']:g} of them "
-                f"(first: {bad[0][0]}: {bad[0][1]}); fix or remove them, or raise --max_bad. Done so far is kept: --resume")
+            die(
+                f"{len(bad)} of {n} images could not be read, more than --max_bad "
+                f"{cfg['max_bad']:g} of them (first: {bad[0][0]}: {bad[0][1]}); fix or remove "
+                "them, or raise --max_bad. Done so far is kept: --resume"
+            )
         if ok.any():
             x = x[ok].to(device, non_blocking=True)
-            x = (x.to(dtype) / 127.5 - 1).contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+            x = (x.to(dtype) / 127.5 - 1).contiguous(memory_format=memory_format)
             with torch.no_grad():
                 dist = vae.encode(x).latent_dist
                 if cfg["mode"] == "mean":
                     z = dist.mean
-                else:  # one generator per batch, seeded by the batch's first item: resume draws the same noise
-                    gen = torch.Generator(device).manual_seed(cfg["seed"] * 1_000_003 + idx[0].item())
+                else:  # one generator per batch, seeded by its first item: resume draws the same
+                    gen = torch.Generator(device).manual_seed(
+                        cfg["seed"] * 1_000_003 + idx[0].item()
+                    )
                     z = dist.sample(generator=gen)
             z = z.float()
             if not torch.isfinite(z).all():
-                die(f"non-finite latents for the batch starting at {items[idx[0].item()][0]} in {cfg['dtype']}; "
-                    "try --dtype float32 (or bfloat16)")
+                die(
+                    f"non-finite latents for the batch starting at {items[idx[0].item()][0]} in "
+                    f"{cfg['dtype']}; try --dtype float32 (or bfloat16)"
+                )
             shard["latents"].append(z.to(torch.float16).cpu())
             shard["index"] += idx[ok].tolist()
         n_done += len(idx)
-        last_of_shard = idx[-1].item() == min((k + 1) * S, n) - 1
-        if last_of_shard:  # a finished shard is written atomically; an interrupt loses at most this shard
-            save_torch_atomic({"index": torch.tensor(shard["index"], dtype=torch.int64),
-                               "latents": torch.cat(shard["latents"]) if shard["latents"] else torch.zeros(0),
-                               "bad": shard["bad"]}, os.path.join(parts, f"shard_{k:05d}.pt"))
+        if idx[-1].item() == min((k + 1) * S, n) - 1:  # a finished shard is written atomically
+            latents = torch.cat(shard["latents"]) if shard["latents"] else torch.zeros(0)
+            index = torch.tensor(shard["index"], dtype=torch.int64)
+            save_torch_atomic(
+                {"index": index, "latents": latents, "bad": shard["bad"]}, shard_path(parts, k)
+            )
             shard = None
         now = time.perf_counter()
         if now - t_print > 2 or n_done == len(order):
             rate = n_done / (now - t0)
-            total_done = n_done + sum(min(S, n - k * S) for k in done)
-            msg = f"encoded {total_done}/{n} ({100 * total_done / n:.0f}%) | {rate:.1f} img/s | eta {(len(order) - n_done) / rate:.0f}s"
-            print(("\r" + msg) if is_tty else msg, end="" if is_tty and n_done < len(order) else "\n", flush=True)
+            total = n_done + sum(min(S, n - k * S) for k in done)
+            msg = (
+                f"encoded {total}/{n} ({100 * total / n:.0f}%) | {rate:.1f} img/s | eta "
+                f"{(len(order) - n_done) / rate:.0f}s"
+            )
+            last = not is_tty or n_done == len(order)
+            print(("\r" + msg) if is_tty else msg, end="\n" if last else "", flush=True)
             t_print = now
     rate = n_done / max(time.perf_counter() - t0, 1e-9)
 
     # assemble the final file from the shards, atomically, then drop the progress folder
-    index, latents = [], []
-    for k in range(n_shards):
-        s = torch.load(os.path.join(parts, f"shard_{k:05d}.pt"), weights_only=True)
-        if len(s["index"]):
-            index.append(s["index"])
-            latents.append(s["latents"])
-    index = torch.cat(index)
+    latents, index = assemble(parts, n_shards, items)
+    labels = torch.tensor([items[i][1] for i in index.tolist()], dtype=torch.int64)
     result = {
-        "latents": torch.cat(latents), "labels": torch.tensor([items[i][1] for i in index.tolist()], dtype=torch.int64),
-        "domains": domains, "paths": [items[i][0] for i in index.tolist()], "vae": cfg["vae"], "subfolder": cfg["subfolder"],
-        "scaling_factor": scaling_factor, "image_size": cfg["size"], "mode": cfg["mode"],
+        "latents": latents,
+        "labels": labels,
+        "domains": domains,
+        "paths": [items[i][0] for i in index.tolist()],
+        "vae": cfg["vae"],
+        "subfolder": cfg["subfolder"],
+        "scaling_factor": scaling_factor,
+        "image_size": cfg["size"],
+        "mode": cfg["mode"],
     }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_torch_atomic(result, out)
     shutil.rmtree(parts)
     counts = torch.bincount(result["labels"], minlength=len(domains)).tolist()
-    print(f"wrote {out}: {len(index)} latents {'x'.join(map(str, result['latents'].shape[1:]))} float16 (unscaled; "
-          f"scaling_factor {scaling_factor}) from {n} images, {len(bad)} skipped as unreadable; domains "
-          + ", ".join(f"{d} {c}" for d, c in zip(domains, counts)) + f"; {rate:.1f} img/s")
-
-    # decode check: originals above reconstructions, and the PSNR between them
+    per_domain = ", ".join(f"{d} {c}" for d, c in zip(domains, counts))
+    print(
+        f"wrote {out}: {len(index)} latents {'x'.join(map(str, latents.shape[1:]))} float16 "
+        f"(unscaled; scaling_factor {scaling_factor}) from {n} images, {len(bad)} skipped as "
+        f"unreadable; domains {per_domain}; {rate:.1f} img/s"
+    )
     if cfg["decode_check"]:
-        m = min(cfg["decode_check"], len(index))
-        pick = torch.linspace(0, len(index) - 1, m).round().long().tolist()  # spread over the domains
-        ds = Items(items, cfg["images"], cfg["size"], idx_images)
-        orig = torch.stack([ds[index[j].item()][0] for j in pick]).float() / 127.5 - 1
-        with torch.no_grad():
-            rec = vae.decode(result["latents"][pick].to(device, dtype)).sample.float().clamp(-1, 1).cpu()
-        mse = ((orig - rec) / 2).pow(2).flatten(1).mean(1)  # on the [0, 1] scale
-        psnr = (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
-        check = os.path.splitext(out)[0] + "_check.png"
-        save_grid(torch.cat([orig, rec]), check, nrow=m)
-        print(f"decode check: {m} latents decoded, PSNR {psnr:.2f} dB (originals above reconstructions in {check})")
+        decode_check(vae, result, index, items, cfg, idx_images, device, dtype)
 
 
 if __name__ == "__main__":
