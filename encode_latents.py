@@ -361,10 +361,14 @@ def load_vae(name, subfolder, device, dtype):
     except Exception as e:  # OSError offline or for a wrong folder, ValueError for a bad id, ...
         where = f"'{name}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
         local = os.path.basename(name.rstrip("/")) or "vae"
+        hint = (
+            f"Offline? Download it where there is a network (hf download {name} --local-dir "
+            f"{local}), copy the folder here and pass it: --vae {local}"
+        )
+        if os.path.isdir(name):
+            hint = "A folder given as --vae holds what AutoencoderKL.save_pretrained writes."
         raise ValueError(
-            f"cannot load the VAE {where}: {type(e).__name__}: {first_line(e, 160)} Offline? "
-            f"Download it where there is a network (hf download {name} --local-dir {local}), "
-            f"copy the folder here and pass it: --vae {local}"
+            f"cannot load the VAE {where}: {type(e).__name__}: {first_line(e, 160)} {hint}"
         ) from None
     finally:
         diffusers_logging.set_verbosity(levels[0]), hub_logging.set_verbosity(levels[1])

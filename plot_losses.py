@@ -33,8 +33,14 @@ import numpy as np
 SCRIPT = "plot_losses.py"
 ORDER = ["d_loss", "g_loss", "g_adv", "sty", "ds", "cyc", "id", "r1", "lambda_ds"]  # seed 001's
 NOT_CURVES = {"epoch", "step", "time", "partial"}
-REFERENCE = {"clf_acc", "fd_real", "kid_real", "is_real"}  # logged once: lines, not curves
-REAL_LEVEL = {"fd": "fd_real", "fd_mean": "fd_real", "kid": "kid_real", "is": "is_real"}
+REFERENCE = {"clf_acc", "fd_real", "kid_real", "is_real", "div_real"}  # logged once: lines
+REAL_LEVEL = {
+    "fd": "fd_real",
+    "fd_mean": "fd_real",
+    "kid": "kid_real",
+    "is": "is_real",
+    "div": "div_real",
+}
 LN2 = math.log(2)
 
 # -----------------------------------------------------------------------------
@@ -520,7 +526,7 @@ def reference_note(runs, labels):
         ref = {k: finite(column(records, k)) for k in sorted(REFERENCE)}
         ref = {k: v[0] for k, v in ref.items() if len(v)}
         if ref:
-            order = ("clf_acc", "fd_real", "kid_real", "is_real")
+            order = ("clf_acc", "fd_real", "kid_real", "is_real", "div_real")
             text = ", ".join(f"{k} {ref[k]:.3g}" for k in order if k in ref)
             refs.append((label, "evaluation reference: " + text))
     if len({text for _, text in refs}) == 1 and len(refs) == len(runs):  # the same data: once

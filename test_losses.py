@@ -430,11 +430,38 @@ def test_stargan_batched_calls_equal_separate_calls():
 
 
 def test_stargan_generator_output_is_linear():
-    # No tanh at G's output: SD latents are unbounded. A big enough shift leaves [-1, 1].
+    # No tanh at G's output: SD latents are unbounded. Shifting the last conv's bias by 5 shifts
+    # every output by exactly 5, past [-1, 1]; a squashing output would not.
     G = tiny_stargan()[0]
+    x, s = torch.randn(2, 4, 8, 8), torch.randn(2, 8)
     with torch.no_grad():
-        G.to_latent[-1].bias.fill_(5.0)
-    assert G(torch.randn(2, 4, 8, 8), torch.randn(2, 8)).min() > 1.5
+        before = G(x, s)
+        G.to_latent[-1].bias += 5.0
+        after = G(x, s)
+    torch.testing.assert_close(after, before + 5.0)
+    assert after.max() > 5
+
+
+def test_stargan_styles_depend_on_z_at_initialisation():
+    # He init (StarGAN v2's): F's styles of different z, and G's outputs for them, differ by about
+    # as much as the styles of different references. PyTorch's default init shrinks F's output
+    # through its 6 Linear + ReLU layers until one domain gets nearly one style: G is blind to z.
+    torch.manual_seed(0)
+    G = stargan.Generator(4, dim=32, style_dim=16, n_blocks=4, n_down=1)
+    E = stargan.StyleEncoder(4, 8, style_dim=16, num_domains=3, dim=16)
+    F_ = stargan.MappingNetwork(latent_dim=8, style_dim=16, num_domains=3, hidden=64)
+    x, y = torch.randn(32, 4, 8, 8), torch.full((32,), 1)
+    with torch.no_grad():
+        s1, s2 = F_(torch.randn(32, 8), y), F_(torch.randn(32, 8), y)
+        e1, e2 = E(torch.randn(32, 4, 8, 8), y), E(torch.randn(32, 4, 8, 8), y)
+        over_z = (G(x, s1) - G(x, s2)).abs().mean()
+        over_refs = (G(x, e1) - G(x, e2)).abs().mean()
+    assert (s1 - s2).abs().mean() > 0.3 * (e1 - e2).abs().mean()
+    assert over_z > 0.3 * over_refs and over_z > 0.1
+    F_.apply(lambda m: m.reset_parameters() if isinstance(m, torch.nn.Linear) else None)
+    with torch.no_grad():  # PyTorch's default init
+        d1, d2 = F_(torch.randn(32, 8), y), F_(torch.randn(32, 8), y)
+    assert (d1 - d2).abs().mean() < 0.05 * (s1 - s2).abs().mean()
 
 
 def test_stargan_r1_on_its_discriminator():

@@ -1095,7 +1095,7 @@ STARGAN_KEYS = {
     "time",
 }
 STARGAN_EVAL = {"acc_ref", "acc_lat", "fd_0", "fd_1", "fd_2", "fd_mean", "div", "cyc_err"}
-STARGAN_EVAL_ONCE = {"clf_acc", "fd_real"}
+STARGAN_EVAL_ONCE = {"clf_acc", "fd_real", "div_real"}
 
 
 @pytest.fixture(scope="session")
@@ -1199,16 +1199,24 @@ def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
         )
         assert r["g_loss"] == pytest.approx(expect, rel=1e-5, abs=1e-6)
         assert r["r1"] > 0 and r["id"] > 0 and r["cyc"] > 0
-    for kind in ("ref", "lat"):
-        for e in (1, 2, 3):
-            img = np.asarray(
-                Image.open(os.path.join(out, "samples", f"{kind}_epoch00{e}.png")).convert("RGB")
-            )
-            rows = 3 if kind == "ref" else 2  # ref: a row of references above the 2 sources
-            assert img.shape == (2 + rows * 34, 2 + 4 * 34, 3)  # 32 px cells, 2 px padding, 1 + 3
-            assert img.std() > 5
+    for e in (1, 2, 3):
+        img = np.asarray(Image.open(os.path.join(out, "samples", f"epoch00{e}.png")).convert("RGB"))
+        # the references' row above 2 sources; the source, 3 by reference, 3 by z: 32 px cells
+        assert img.shape == (2 + 3 * 34, 2 + 7 * 34, 3)
+        assert img.std() > 5 and img[2:34, 2:34].max() == 0  # the top-left corner is black
     for r in recs[1:]:
         assert r["fd_mean"] == pytest.approx(np.mean([r["fd_0"], r["fd_1"], r["fd_2"]]))
+    # div_real: div's measure on the held-out real latents of each domain, written out here
+    import train_latent_stargan as sg
+
+    d = load_pt(tiny_latents)
+    _, val = sg.split_domains(d["labels"], 3, cfg["val_fraction"])
+    x = d["latents"].float() * cfg["latent_scale"]
+    per_domain = []
+    for v in val:
+        pairs = [(i, j) for i in range(len(v)) for j in range(i + 1, len(v))]
+        per_domain.append(np.mean([(x[v[i]] - x[v[j]]).abs().mean().item() for i, j in pairs]))
+    assert recs[1]["div_real"] == pytest.approx(np.mean(per_domain), rel=1e-5)
     assert len([f for f in os.listdir(out) if f.startswith("classifier_")]) == 1
     ck = load_pt(os.path.join(out, "ckpt.pt"))
     names = {
@@ -1293,11 +1301,8 @@ def test_stargan_without_a_vae_saves_latent_mosaics(tiny_latents, tmp_path):
     assert (
         len(notes) == 1 and "cannot load the VAE" in notes[0] and "2x2 grayscale mosaic" in notes[0]
     )
-    img = Image.open(os.path.join(out, "samples", "lat_epoch001.png"))
-    assert img.mode == "L" and img.size == (
-        (2 + 4 * 10) * 16,
-        (2 + 2 * 10) * 16,
-    )  # 8x8 mosaics, x16
+    img = Image.open(os.path.join(out, "samples", "epoch001.png"))  # 8x8 mosaics, scaled 16x
+    assert img.mode == "L" and img.size == ((2 + 7 * 10) * 16, (2 + 3 * 10) * 16)
     assert "warning: --latent_scale 0.13025 differs from the scaling_factor 0.18215" in p.stderr
 
 
@@ -1429,6 +1434,133 @@ def test_stargan_on_gpu(tiny_latents, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# --translate: a user's own images through a trained run
+
+
+@pytest.fixture(scope="session")
+def translation_run(tmp_path_factory, tiny_vae):
+    """(image folder, run folder): a tiny run trained on the latents of a cat/dog/wild tree."""
+    root = tmp_path_factory.mktemp("translate")
+    images = make_image_tree(str(root / "images"))
+    os.remove(os.path.join(images, "dog", "broken.jpg"))
+    lat, out = str(root / "lat.pt"), str(root / "run")
+    call("encode_latents.py", "--images", images, "--vae", tiny_vae, "--size", 32, "--out", lat)
+    p = call(
+        "train_latent_stargan.py",
+        "--data",
+        lat,
+        "--out_dir",
+        out,
+        *STARGAN_TINY,
+        "--val_fraction",
+        0.1,
+        "--epochs",
+        1,
+        "--no-decode",
+    )
+    assert p.returncode == 0, p.stderr
+    return images, out
+
+
+def png(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+
+def test_translate_by_reference(translation_run, tmp_path):
+    images, run_dir = translation_run
+    out = str(tmp_path / "ref")
+    p = run(
+        "train_latent_stargan.py",
+        "--translate",
+        os.path.join(images, "cat"),
+        "--out_dir",
+        run_dir,
+        "--ref",
+        images,
+        "--result_dir",
+        out,
+    )
+    assert "translated 6 images x 18 references" in p.stdout
+    files = sorted(os.listdir(out))
+    assert len(files) == 6 * 18 + 1 and "grid.png" in files
+    assert "sub_deep__wild_sub_deep.png" in files and "0__dog_1.png" in files
+    assert png(os.path.join(out, "0__dog_1.png")).shape == (32, 32, 3)  # the training image size
+    assert png(os.path.join(out, "grid.png")).shape == (2 + 7 * 34, 2 + 19 * 34, 3)
+    # the pipeline, written out here: preprocess as encode_latents.py, the VAE's mean, times the
+    # run's latent_scale, the EMA nets' G(x, E(ref, y)), divided back, decoded
+    import encode_latents as enc
+    import train_latent_stargan as sg
+
+    ckpt = load_pt(os.path.join(run_dir, "ckpt.pt"))
+    cfg = ckpt["config"]
+    (G, E, _), meta = sg.run_networks(cfg, ckpt, torch.device("cpu"))
+    vae = sg.load_vae(meta["vae"], None, torch.device("cpu"), torch.float32)
+    x, ref = (
+        enc.to_square(Image.open(os.path.join(images, f)), 32) for f in ("cat/0.png", "dog/1.JPG")
+    )
+    with torch.no_grad():
+        lat = [
+            vae.encode(t[None].float() / 127.5 - 1).latent_dist.mean * cfg["latent_scale"]
+            for t in (x, ref)
+        ]
+        fake = G(lat[0], E(lat[1], torch.tensor([1])))
+        img = vae.decode(fake / cfg["latent_scale"]).sample.clamp(-1, 1)[0]
+    expect = ((img + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    assert np.abs(png(os.path.join(out, "0__dog_1.png")) - expect).max() <= 1
+
+
+def test_translate_into_a_target_domain(translation_run, tmp_path):
+    images, run_dir = translation_run
+    args = ["--translate", images, "--out_dir", run_dir, "--target", "wild", "--n_styles", 3]
+    a, b, c = (str(tmp_path / d) for d in "abc")
+    p = run("train_latent_stargan.py", *args, "--result_dir", a)
+    assert "translated 18 images x 3 styles" in p.stdout
+    call("train_latent_stargan.py", *args, "--result_dir", b)
+    call("train_latent_stargan.py", *args, "--result_dir", c, "--seed", 5)
+    files = sorted(os.listdir(a))
+    assert len(files) == 18 * 3 + 1 and "cat_sub_deep__wild_style2.png" in files
+    assert png(os.path.join(a, "grid.png")).shape == (2 + 18 * 34, 2 + 4 * 34, 3)
+    same = [np.array_equal(png(os.path.join(a, f)), png(os.path.join(b, f))) for f in files]
+    other = [np.array_equal(png(os.path.join(a, f)), png(os.path.join(c, f))) for f in files]
+    assert all(same) and not any(other[:-1])  # the styles are F's of fixed z: --seed picks them
+
+
+def test_translate_mistakes(translation_run, tmp_path):
+    images, run_dir = translation_run
+    empty = tmp_path / "empty"
+    os.makedirs(empty / "horse")
+    cases = [
+        (
+            ["--translate", images, "--out_dir", tmp_path, "--target", "wild"],
+            ["--translate: no checkpoint at"],
+        ),
+        (
+            ["--translate", tmp_path / "nope", "--out_dir", run_dir, "--target", "wild"],
+            ["no such folder"],
+        ),
+        (["--translate", empty, "--out_dir", run_dir, "--target", "wild"], ["no images"]),
+        (
+            ["--translate", images, "--out_dir", run_dir, "--target", "horse"],
+            ["--target horse: not a domain of the run", "cat, dog, wild"],
+        ),
+        (
+            ["--translate", images, "--out_dir", run_dir, "--ref", empty],
+            ["has domain folder horse", "the run knows cat, dog, wild"],
+        ),
+        (
+            ["--translate", images, "--out_dir", run_dir],
+            ["either --ref REF_DIR", "or --target DOMAIN"],
+        ),
+        (
+            ["--translate", images, "--out_dir", run_dir, "--target", "wild", "--vae", empty],
+            ["cannot load the VAE", "save_pretrained"],
+        ),
+    ]
+    for args, needles in cases:
+        assert_one_line_error(call("train_latent_stargan.py", *args), *needles)
+
+
+# -----------------------------------------------------------------------------
 # the StarGAN's evaluation discriminates: stand-in networks whose figures are known
 
 
@@ -1523,6 +1655,68 @@ def test_stargan_evaluation_discriminates(tmp_path):
         expect = ((f[0] - mu) ** 2).sum() + np.trace(cov)
         assert mean_g[f"fd_d{k}"] == pytest.approx(expect, rel=1e-6)
     assert mean_g["fd_mean"] > 3 * real["fd_mean"]
+
+
+# -----------------------------------------------------------------------------
+# the StarGAN learns: real Fashion-MNIST classes, a fixed step budget, the evaluation's figures
+
+LEARN = [
+    "--latent_scale",
+    5,
+    "--g_dim",
+    64,
+    "--e_dim",
+    32,
+    "--d_dim",
+    32,
+    "--f_dim",
+    128,
+    "--batch_size",
+    16,
+    "--epoch_size",
+    1024,
+    "--epochs",
+    8,
+    "--ds_decay_epochs",
+    4,
+    "--eval_interval",
+    2,
+    "--no-decode",
+    "--device",
+    "cpu",
+]
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason="apt-get install dataset-fashion-mnist")
+def test_stargan_learns_diverse_translations_on_fashion_mnist(tmp_path, tiny_vae):
+    # sandal, sneaker and ankle boot through the tiny VAE at 64 px (4x8x8 latents), 512 steps
+    lat, out = str(tmp_path / "shoes.pt"), str(tmp_path / "run")
+    run(
+        "encode_latents.py",
+        "--source",
+        "idx",
+        "--images",
+        FASHION,
+        "--classes",
+        "5,7,9",
+        "--max_per_domain",
+        1000,
+        "--size",
+        64,
+        "--vae",
+        tiny_vae,
+        "--out",
+        lat,
+    )
+    run("train_latent_stargan.py", "--data", lat, "--out_dir", out, *LEARN, timeout=240)
+    evals = [r for r in load_log(out)["records"] if "acc_ref" in r]
+    first, last = evals[0], evals[-1]
+    assert [r["epoch"] for r in evals] == [2, 4, 6, 8]
+    assert last["acc_ref"] >= 0.8 and last["acc_lat"] >= 0.8, last
+    assert last["fd_mean"] <= 0.5 * first["fd_mean"], (first["fd_mean"], last["fd_mean"])
+    # diverse: one source under different z differs by a real share of what real latents of a
+    # domain differ by (the bug this guards against: div 0.001 against div_real 0.72)
+    assert last["div"] >= 0.25 * first["div_real"], (last["div"], first["div_real"])
 
 
 # -----------------------------------------------------------------------------
@@ -1912,7 +2106,9 @@ def test_commands_that_run_in_seconds(where, tmp_path):
 
 # -----------------------------------------------------------------------------
 # tiny VAEs for the commands and the README's figure, written by this file as a command:
-#     python test_scripts.py tiny-vae data/tiny_vae     # a random tiny AutoencoderKL, seconds
+#     python test_scripts.py tiny-vae data/tiny_vae        # a random tiny AutoencoderKL, seconds
+#     python test_scripts.py fashion-vae data/fashion_vae  # one trained on Fashion-MNIST, minutes
+# A random VAE decodes any latent to noise; the trained one decodes to clothes a person can judge.
 
 
 def save_tiny_vae(folder, seed=0):
@@ -1923,8 +2119,76 @@ def save_tiny_vae(folder, seed=0):
     return folder
 
 
+def train_fashion_vae(folder, minutes=6.0, images=FASHION, size=64, n_images=20000, seed=0):
+    """TINY_VAE trained on Fashion-MNIST's training images, preprocessed as encode_latents.py
+    does at --size 64: Adam on the pixel MSE plus 1e-6 times the KL to N(0, 1) (Stable
+    Diffusion's VAE weights its KL so), for `minutes` of wall time. Its scaling_factor is set to
+    1 / std of its latents, as SD's is. Kept in folder (with train_info.json) and reused when the
+    folder already holds one made with the same settings."""
+    from diffusers import AutoencoderKL
+
+    import encode_latents as enc
+
+    settings = dict(minutes=minutes, size=size, n_images=n_images, seed=seed, vae=TINY_VAE)
+    info_path = os.path.join(folder, "train_info.json")
+    settings = json.loads(json.dumps(settings))  # as the JSON file holds them: lists, not tuples
+    if os.path.exists(info_path) and json.load(open(info_path))["settings"] == settings:
+        print(f"{folder} holds a VAE trained with these settings: kept")
+        return folder
+    import train_mnist_gan as mnist
+
+    arrays = mnist.load_dataset("fashion", images)  # the four IDX files, raw or .gz
+    torch.manual_seed(seed)
+    pick = torch.randperm(len(arrays[0]))[:n_images]
+    x = torch.stack(
+        [enc.to_square(Image.fromarray(arrays[0][i], mode="L"), size) for i in pick.tolist()]
+    )
+    x_test = torch.stack(
+        [enc.to_square(Image.fromarray(a, mode="L"), size) for a in arrays[2][:256]]
+    )
+    vae = AutoencoderKL(**TINY_VAE)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    t0, step, batch = time.perf_counter(), 0, 32
+    while time.perf_counter() - t0 < 60 * minutes:
+        idx = torch.randint(len(x), (batch,))
+        xb = x[idx].float() / 127.5 - 1
+        dist = vae.encode(xb).latent_dist
+        rec = vae.decode(dist.sample()).sample
+        loss = torch.nn.functional.mse_loss(rec, xb) + 1e-6 * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 200 == 0:
+            print(
+                f"step {step}: loss {loss.item():.5f} ({time.perf_counter() - t0:.0f}s)", flush=True
+            )
+    vae.eval()
+    with torch.no_grad():
+        xt = x_test.float() / 127.5 - 1
+        z = vae.encode(xt).latent_dist.mean
+        mse = ((vae.decode(z).sample.clamp(-1, 1) - xt) / 2).pow(2).mean().item()
+    vae.register_to_config(scaling_factor=float(1 / z.std()))
+    vae.save_pretrained(folder)
+    psnr = 10 * np.log10(1 / mse)
+    info = dict(
+        settings=settings,
+        steps=step,
+        seconds=time.perf_counter() - t0,
+        test_psnr=psnr,
+        scaling_factor=float(1 / z.std()),
+    )
+    with open(info_path, "w") as f:
+        json.dump(info, f, indent=1)
+    print(
+        f"wrote {folder}: {step} steps, test PSNR {psnr:.1f} dB, scaling_factor {1 / z.std():.3f}"
+    )
+    return folder
+
+
 if __name__ == "__main__":
-    commands = {"tiny-vae": save_tiny_vae}
-    if len(sys.argv) != 3 or sys.argv[1] not in commands:
-        sys.exit(f"usage: python test_scripts.py {{{'|'.join(commands)}}} FOLDER")
-    print(f"wrote {commands[sys.argv[1]](sys.argv[2])}")
+    commands = {"tiny-vae": save_tiny_vae, "fashion-vae": train_fashion_vae}
+    if len(sys.argv) < 3 or sys.argv[1] not in commands:
+        sys.exit(f"usage: python test_scripts.py {{{'|'.join(commands)}}} FOLDER [MINUTES]")
+    extra = [float(sys.argv[3])] if len(sys.argv) > 3 else []
+    print(f"wrote {commands[sys.argv[1]](sys.argv[2], *extra)}")

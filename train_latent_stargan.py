@@ -59,6 +59,7 @@ ARCH = ("style_dim", "latent_dim", "g_dim", "g_blocks", "g_down", "e_dim", "d_di
 # a resumed run cannot change these: the networks, the epoch bookkeeping, the held-out split
 FIXED = ARCH + ("f_shared", "batch_size", "epoch_size", "val_fraction")
 SYSTEM = ("device", "dtype", "compile")  # this machine's, never taken from a checkpoint
+TRANSLATE = ("translate", "ref", "target", "n_styles", "result_dir", "vae", "resume")
 
 # -----------------------------------------------------------------------------
 # flags: seed 001's config names, grouped, each with where its default comes from
@@ -118,7 +119,8 @@ def build_parser():
     p.add_argument("--betas", type=unit_float, nargs=2, default=[0.0, 0.99], help="Adam betas")
     p.add_argument("--weight_decay", type=nonneg_float, default=1e-4, help="Adam weight decay")
     p.add_argument("--ema", type=unit_float, default=0.999,
-                   help="EMA beta of G, E and F, used for samples and evaluation (0: off)")
+                   help="EMA beta of G, E and F for samples and evaluation, warmed up: at step t "
+                        "it is min(ema, (1 + t) / (10 + t)) (StarGAN v2: 0.999; 0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     # I/O
     p.add_argument("--out_dir", default="out/latent_stargan", help="log.json, samples/, ckpt.pt")
@@ -135,6 +137,19 @@ def build_parser():
     p.add_argument("--n_div", type=at_least_2, default=4, help="styles per source for div")
     p.add_argument("--min_clf_acc", type=float, default=0.8,
                    help="warn when the domain classifier's held-out accuracy is below this")
+    # translate your own images with a trained run (--out_dir RUN): StarGAN v2's --mode sample
+    p.add_argument("--translate", default=None, metavar="SRC_DIR",
+                   help="translate the images under SRC_DIR (sub-folders too) with RUN's EMA "
+                        "networks, instead of training")
+    p.add_argument("--ref", default=None, metavar="REF_DIR",
+                   help="--translate by reference: one sub-folder per domain, named as in training")
+    p.add_argument("--target", default=None, metavar="DOMAIN",
+                   help="--translate into DOMAIN with --n_styles styles from F (fixed z, --seed)")
+    p.add_argument("--n_styles", type=positive_int, default=4, help="--target: styles per source")
+    p.add_argument("--result_dir", default=None,
+                   help="--translate: where the PNGs go (default RUN/translations)")
+    p.add_argument("--vae", default=None,
+                   help="--translate: the VAE to encode and decode with (default: the run's)")
     # system
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda, cuda:1, cpu, ...")
@@ -149,11 +164,16 @@ def build_parser():
 def parse_config(argv=None):
     """The run's config, every flag's value (the log records it), and the checkpoint to resume."""
     cfg, typed = parse_flags(build_parser(), argv)
-    ckpt = load_checkpoint(cfg["out_dir"]) if cfg["resume"] else None
+    if cfg["translate"] and (cfg["ref"] is None) == (cfg["target"] is None):
+        die("--translate takes either --ref REF_DIR (one sub-folder per domain) or --target DOMAIN")
+    ckpt = None
+    if cfg["resume"] or cfg["translate"]:
+        ckpt = load_checkpoint(cfg["out_dir"], "--translate" if cfg["translate"] else "--resume")
     if ckpt is not None:  # the flags not typed take the checkpoint's values
-        kept = {k: v for k, v in ckpt["config"].items() if k not in SYSTEM}
+        kept = {k: v for k, v in ckpt["config"].items() if k not in SYSTEM + TRANSLATE}
         cfg = {**cfg, **kept, **{k: cfg[k] for k in typed}}
-        check_resume(cfg, ckpt, FIXED, SYSTEM)
+        if cfg["resume"] and not cfg["translate"]:
+            check_resume(cfg, ckpt, FIXED, SYSTEM)
     if cfg["g_blocks"] % 2:
         die(f"--g_blocks must be even (half encoder, half decoder), got {cfg['g_blocks']}")
     if cfg["g_down"] > cfg["g_blocks"] // 2:
@@ -227,17 +247,22 @@ def parse_flags(parser, argv):
     return values, {k for k, v in probe.items() if v is not unset}
 
 
-def load_checkpoint(out_dir):
+def load_checkpoint(out_dir, flag="--resume"):
     """out_dir/ckpt.pt of this script, on the CPU; one line and exit 2 if missing or foreign."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
-        die(f"--resume: no checkpoint at {path}; start without --resume, or give its --out_dir")
+        how = (
+            "start without --resume, or give its --out_dir"
+            if flag == "--resume"
+            else "give --out_dir"
+        )
+        die(f"{flag}: no checkpoint at {path}; {how} of a run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say so in one line
-        die(f"--resume: {path} cannot be loaded ({type(e).__name__}: {first_line(e)})")
+        die(f"{flag}: {path} cannot be loaded ({type(e).__name__}: {first_line(e)})")
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        die(f"--resume: {path} is not a checkpoint of {SCRIPT}")
+        die(f"{flag}: {path} is not a checkpoint of {SCRIPT}")
     return ckpt
 
 
@@ -329,6 +354,18 @@ def lambda_ds(epoch, w_ds, ds_decay_epochs):
 # networks: StarGAN v2's design, sized for 4-channel latents (32x32 at 256 px)
 
 
+def he_init(module):
+    """StarGAN v2's init (its core/utils.py), for G, E and F: He-normal weights (fan in, ReLU
+    gain), zero biases. PyTorch's default init shrinks a signal by about sqrt(6) per Linear + ReLU
+    layer: through F's 6 such layers its style of a z is nearly a constant per domain (measured:
+    styles of two z differ by L1 0.002 against 0.7 with this init), so G starts out, and stays,
+    blind to z."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 class ResBlk(nn.Module):
     """Pre-activation residual block: [IN] lrelu conv [pool] [IN] lrelu conv, plus a shortcut,
     over sqrt(2)."""
@@ -400,6 +437,7 @@ class Generator(nn.Module):
         self.encode, self.decode = nn.ModuleList(down), nn.ModuleList(up)
         norm = nn.InstanceNorm2d(dim, affine=True)
         self.to_latent = nn.Sequential(norm, nn.LeakyReLU(0.2), nn.Conv2d(dim, channels, 1))
+        self.apply(he_init)
 
     def forward(self, x, s):  # (B, C, H, W), (B, style_dim) -> (B, C, H, W)
         h = self.from_latent(x)
@@ -427,6 +465,7 @@ class MappingNetwork(nn.Module):
             return nn.Sequential(*layers, nn.Linear(hidden, style_dim))
 
         self.heads = nn.ModuleList(head() for _ in range(num_domains))
+        self.apply(he_init)
 
     def forward(self, z, y):  # (B, latent_dim), (B,) -> (B, style_dim)
         h = self.shared(z)
@@ -456,6 +495,7 @@ class StyleEncoder(nn.Module):
         self.trunk, d = conv_trunk(channels, size, dim, max_dim, sn=False)
         self.heads = nn.Linear(d, num_domains * style_dim)
         self.style_dim = style_dim
+        self.apply(he_init)
 
     def forward(self, x, y):
         out = self.heads(self.trunk(x).flatten(1)).view(len(y), -1, self.style_dim)
@@ -547,10 +587,14 @@ def load_vae(name, subfolder, device, dtype):
     except Exception as e:  # OSError offline or for a wrong folder, ValueError for a bad id, ...
         where = f"'{name}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
         local = os.path.basename(name.rstrip("/")) or "vae"
+        hint = (
+            f"Offline? Download it where there is a network (hf download {name} --local-dir "
+            f"{local}), copy the folder here and pass it: --vae {local}"
+        )
+        if os.path.isdir(name):
+            hint = "A folder given as --vae holds what AutoencoderKL.save_pretrained writes."
         raise ValueError(
-            f"cannot load the VAE {where}: {type(e).__name__}: {first_line(e, 160)} Offline? "
-            f"Download it where there is a network (hf download {name} --local-dir {local}), "
-            f"copy the folder here and pass it: --vae {local}"
+            f"cannot load the VAE {where}: {type(e).__name__}: {first_line(e, 160)} {hint}"
         ) from None
     finally:
         diffusers_logging.set_verbosity(levels[0]), hub_logging.set_verbosity(levels[1])
@@ -603,51 +647,46 @@ def save_grid(images, path, nrow, pad=2, scale=1):
 
 
 class SampleGrids:
-    """Reference-guided (rows: held-out sources; columns: one held-out reference per domain) and
-    latent-guided (rows: sources; columns: each domain, one fixed z) grids, the inputs in the
-    first row and column, decoded through the VAE, or as latent mosaics without one."""
+    """One grid per save: a row per held-out source, the source first, then its translations by
+    one held-out reference of each domain (the references along the top row), then into each
+    domain by one fixed z. Decoded through the VAE, or as latent mosaics without one."""
 
     def __init__(self, cfg, latents, labels, K, pool, vae):
         gen = torch.Generator().manual_seed(cfg["seed"] + 1)
         device = latents.device
         pool_labels = labels[pool]
         self.src = pool[torch.randperm(len(pool), generator=gen)[: cfg["n_samples"]].to(device)]
-        self.refs = torch.stack(
-            [pool[torch.nonzero(pool_labels == d).flatten()[0]] for d in range(K)]
-        )
+        first = [pool[torch.nonzero(pool_labels == d).flatten()[0]] for d in range(K)]
+        self.refs = torch.stack(first)
         self.z = torch.randn(K, cfg["latent_dim"], generator=gen).to(device)
         self.cfg, self.latents, self.labels, self.vae, self.K = cfg, latents, labels, vae, K
 
     @torch.no_grad()
-    def save(self, G, E, F_, ctx, folder, tag):
+    def save(self, G, E, F_, ctx, path):
         cfg, K, vae = self.cfg, self.K, self.vae
-        x_src, x_ref, y_ref = (
-            self.latents[self.src],
-            self.latents[self.refs],
-            self.labels[self.refs],
-        )
+        x_src, x_ref = self.latents[self.src], self.latents[self.refs]
         n, ar = len(x_src), torch.arange(K, device=x_src.device)
         with ctx:
-            ref_out = G(x_src.repeat_interleave(K, 0), E(x_ref, y_ref).repeat(n, 1)).float()
-            lat_out = G(x_src.repeat_interleave(K, 0), F_(self.z, ar).repeat(n, 1)).float()
+            s_ref, s_lat = E(x_ref, self.labels[self.refs]), F_(self.z, ar)
+            styles = torch.cat([s_ref, s_lat]).repeat(n, 1)
+            out = (
+                G(x_src.repeat_interleave(2 * K, 0), styles)
+                .float()
+                .view(n, 2 * K, *x_src.shape[1:])
+            )
         blank = torch.full_like(x_src[:1], float("nan"))
-        rows = [torch.cat([x_src[i : i + 1], ref_out[i * K : (i + 1) * K]]) for i in range(n)]
-        lats = [torch.cat([x_src[i : i + 1], lat_out[i * K : (i + 1) * K]]) for i in range(n)]
-        for kind, cells in {
-            "ref": torch.cat([blank, x_ref] + rows),
-            "lat": torch.cat(lats),
-        }.items():
-            empty = torch.isnan(cells).flatten(1).any(1)
-            cells = torch.nan_to_num(cells)
-            if vae is not None:  # unscale, decode in chunks
-                chunks = (c / cfg["latent_scale"] for c in cells.split(16))
-                imgs = torch.cat([vae.decode(c.to(vae.dtype)).sample.float() for c in chunks])
-                scale = 1
-            else:
-                imgs = latent_mosaic(cells, torch.cat([x_src, x_ref]))
-                scale = max(1, 128 // (2 * cells.shape[-2]))
-            imgs[empty] = -1  # the top-left corner of the reference grid is black
-            save_grid(imgs, os.path.join(folder, f"{kind}_{tag}.png"), nrow=K + 1, scale=scale)
+        top = torch.cat([blank, x_ref] + [blank] * K)
+        cells = torch.cat([top] + [torch.cat([x_src[i : i + 1], out[i]]) for i in range(n)])
+        empty = torch.isnan(cells).flatten(1).any(1)
+        cells = torch.nan_to_num(cells)
+        if vae is not None:  # unscale, decode in chunks
+            chunks = (c / cfg["latent_scale"] for c in cells.split(16))
+            imgs, scale = torch.cat([vae.decode(c.to(vae.dtype)).sample.float() for c in chunks]), 1
+        else:
+            imgs = latent_mosaic(cells, torch.cat([x_src, x_ref]))
+            scale = max(1, 128 // (2 * cells.shape[-2]))
+        imgs[empty] = -1  # black where there is no image
+        save_grid(imgs, path, nrow=2 * K + 1, scale=scale)
 
 
 def checkpoint(cfg, run, modules, device):
@@ -773,6 +812,12 @@ def gaussian(f):
     return f.mean(0), (np.cov(f, rowvar=False) if len(f) > 1 else np.zeros((d, d)))
 
 
+def mean_pairwise_l1(x):
+    """The mean over all pairs i < j of mean |x_i - x_j|: div's measure, for a set of latents."""
+    f = x.flatten(1).double()
+    return float(torch.cdist(f, f, p=1).sum() / (f.shape[1] * len(f) * (len(f) - 1)))
+
+
 class TranslationEvaluator:
     """On the held-out latents, with the EMA networks: each source into every other domain, by a
     reference (a held-out latent of that domain) and by a fixed z. In the feature space of a
@@ -817,7 +862,10 @@ class TranslationEvaluator:
         self.real = [gaussian(f_all[all_labels == d]) for d in range(K)]  # each domain's latents
         f_val = f_all[val]
         fd_real = [frechet_distance(*gaussian(f_val[y_val == d]), *self.real[d]) for d in range(K)]
+        x_val, y_v = latents[self.val_idx], labels[self.val_idx]
+        div_real = [mean_pairwise_l1(x_val[y_v == d]) for d in range(K)]  # div's measure, real data
         self.reference = {"clf_acc": acc, "fd_real": float(np.mean(fd_real))}
+        self.reference["div_real"] = float(np.mean(div_real))
 
     @torch.no_grad()
     def __call__(self, G, E, F_, epoch):
@@ -866,11 +914,11 @@ class TranslationEvaluator:
         out["fd_mean"] = float(np.mean([out[f"fd_{d}"] for d in self.domains]))
         out["div"] = float(torch.cat(div).mean())
         out["cyc_err"] = float((rec - x_s).abs().mean())
+        ref = self.reference
         print(
             f"eval epoch {epoch}: acc_ref {out['acc_ref']:.3f} acc_lat {out['acc_lat']:.3f} "
-            f"fd_mean {out['fd_mean']:.3f} (real held-out latents "
-            f"{self.reference['fd_real']:.3f}) div {out['div']:.4f} cyc_err "
-            f"{out['cyc_err']:.4f}"
+            f"fd_mean {out['fd_mean']:.3f} (real latents {ref['fd_real']:.3f}) div "
+            f"{out['div']:.4f} (real latents {ref['div_real']:.4f}) cyc_err {out['cyc_err']:.4f}"
         )
         return out
 
@@ -951,10 +999,207 @@ def evaluation_mode(nets, on):
 
 
 # -----------------------------------------------------------------------------
+# --translate: your own images through a trained run. The image code is encode_latents.py's.
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def image_files(folder, relative_to):
+    """The image files under folder, sub-folders included, sorted, as paths relative_to."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for n in sorted(names):
+            if n.lower().endswith(IMAGE_EXTS) and not n.startswith("."):
+                files.append(os.path.relpath(os.path.join(root, n), relative_to))
+    return files
+
+
+def to_square(img, size):
+    """A PIL image -> uint8 (3, size, size): RGB, shorter side resized to size (bicubic), center
+    crop. A big JPEG is decoded at a reduced scale first."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    if img.format == "JPEG" and scale < 0.5:  # the decoder skips what the resize would throw away
+        img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        w, h = img.size
+        scale = size / min(w, h)
+    img = img.convert("RGB")
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class Items(torch.utils.data.Dataset):
+    """Item i -> (uint8 (3, size, size), i, error message or ''). An unreadable image gives zeros
+    and its error."""
+
+    def __init__(self, items, root, size, idx_images=None):
+        self.items, self.root, self.size, self.idx_images = items, root, size, idx_images
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path = self.items[i][0]
+        try:
+            if self.idx_images is not None:
+                img = Image.fromarray(self.idx_images[int(path.rsplit("#", 1)[1])], mode="L")
+            else:
+                img = Image.open(os.path.join(self.root, path))
+                img.load()
+            return to_square(img, self.size), i, ""
+        except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, ...)
+            return (
+                torch.zeros(3, self.size, self.size, dtype=torch.uint8),
+                i,
+                f"{type(e).__name__}: {e}",
+            )
+
+
+def run_networks(cfg, ckpt, device):
+    """G, E and F of a checkpoint (the EMA copies, as samples and evaluation use them), and what
+    it knows of its data: domains, VAE, image size, latent shape."""
+    meta = ckpt.get("data_meta")
+    if meta is None:  # a checkpoint from before data_meta: its latents file says
+        try:
+            d = load_latents(cfg["data"])
+        except ValueError as e:
+            die(f"--translate: the run's checkpoint does not say its domains, and {e}")
+        meta = {k: d.get(k) for k in ("vae", "subfolder", "image_size")}
+        meta.update(domains=list(d["domains"]), latent_shape=list(d["latents"].shape[1:]))
+    C, H, _ = meta["latent_shape"]
+    K = len(meta["domains"])
+    G = Generator(C, cfg["g_dim"], cfg["style_dim"], cfg["g_blocks"], cfg["g_down"])
+    E = StyleEncoder(C, H, cfg["style_dim"], K, cfg["e_dim"])
+    F_ = MappingNetwork(cfg["latent_dim"], cfg["style_dim"], K, cfg["f_dim"], cfg["f_shared"])
+    suffix = "_ema" if cfg["ema"] > 0 else ""
+    for name, m in (("G", G), ("E", E), ("F", F_)):
+        m.load_state_dict(ckpt[name + suffix])
+    return [m.to(device).eval().requires_grad_(False) for m in (G, E, F_)], meta
+
+
+def read_images(root, files, size):
+    """uint8 (N, 3, size, size) of the image files under root, preprocessed as encode_latents.py
+    does; an unreadable one is skipped with a warning. Returns (images, the files kept)."""
+    items, imgs, kept = Items([(f, 0) for f in files], root, size), [], []
+    for i in range(len(items)):
+        x, _, err = items[i]
+        if err:
+            print(f"warning: skipping {os.path.join(root, files[i])}: {err}", file=sys.stderr)
+        else:
+            imgs.append(x), kept.append(files[i])
+    if not kept:
+        die(f"--translate: no readable image in {root}")
+    return torch.stack(imgs), kept
+
+
+@torch.no_grad()
+def encode(vae, imgs, scale):
+    """Images (uint8) -> scaled latents: the VAE's latent_dist.mean, as encode_latents.py stores."""
+    x = imgs.to(vae.device, vae.dtype) / 127.5 - 1
+    chunks = [vae.encode(c).latent_dist.mean.float() for c in x.split(16)]
+    return torch.cat(chunks) * scale
+
+
+@torch.no_grad()
+def decode(vae, latents, scale):
+    """Scaled latents -> images in [-1, 1], through the VAE."""
+    chunks = [vae.decode((c / scale).to(vae.dtype)).sample.float() for c in latents.split(16)]
+    return torch.cat(chunks).clamp(-1, 1).cpu()
+
+
+def translate(cfg, ckpt):
+    """--translate SRC_DIR with a trained run: sources by reference (--ref, one reference folder
+    per domain) or into --target with --n_styles styles of F; one PNG per source and reference
+    or style, and grid.png with the sources down the rows."""
+    device = torch.device(cfg["device"])
+    (G, E, F_), meta = run_networks(cfg, ckpt, device)
+    domains, size, scale = meta["domains"], meta["image_size"], cfg["latent_scale"]
+    out = cfg["result_dir"] or os.path.join(cfg["out_dir"], "translations")
+    if not os.path.isdir(cfg["translate"]):
+        die(f"--translate {cfg['translate']}: no such folder")
+    sources = image_files(cfg["translate"], cfg["translate"])
+    if not sources:
+        die(f"--translate {cfg['translate']}: no images ({' '.join(IMAGE_EXTS)}) in it")
+    if cfg["ref"] is not None:
+        if not os.path.isdir(cfg["ref"]):
+            die(f"--ref {cfg['ref']}: no such folder")
+        found = sorted(
+            d for d in os.listdir(cfg["ref"]) if os.path.isdir(os.path.join(cfg["ref"], d))
+        )
+        unknown = [d for d in found if d not in domains]
+        if unknown or not found:
+            what = f"has domain folder {', '.join(unknown)}" if unknown else "has no domain folder"
+            die(f"--ref {cfg['ref']} {what}; the run knows {', '.join(domains)}")
+        refs = [(d, f) for d in found for f in image_files(os.path.join(cfg["ref"], d), cfg["ref"])]
+        if not refs:
+            die(f"--ref {cfg['ref']}: no images in its domain folders")
+    elif cfg["target"] not in domains:
+        die(f"--target {cfg['target']}: not a domain of the run, which knows {', '.join(domains)}")
+    vae_name = cfg["vae"] or meta["vae"]
+    if not vae_name:
+        die("--translate: the run's latents file names no VAE; give one with --vae")
+    try:
+        vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        vae = load_vae(vae_name, None if cfg["vae"] else meta["subfolder"], device, vae_dtype)
+    except ValueError as e:
+        die(str(e))
+
+    imgs, sources = read_images(cfg["translate"], sources, size)
+    x = encode(vae, imgs, scale)
+    if cfg["ref"] is not None:
+        ref_imgs, kept = read_images(cfg["ref"], [f for _, f in refs], size)
+        labels = torch.tensor([domains.index(f.split(os.sep)[0]) for f in kept], device=device)
+        styles = E(encode(vae, ref_imgs, scale), labels)
+        names = [f"{f.split(os.sep)[0]}_{stem(f.split(os.sep, 1)[1])}" for f in kept]
+    else:
+        gen = torch.Generator().manual_seed(cfg["seed"])
+        z = torch.randn(cfg["n_styles"], cfg["latent_dim"], generator=gen).to(device)
+        y = torch.full((cfg["n_styles"],), domains.index(cfg["target"]), device=device)
+        styles = F_(z, y)
+        names = [f"{cfg['target']}_style{k}" for k in range(cfg["n_styles"])]
+    n, m = len(x), len(styles)
+    with torch.no_grad():
+        outs = [G(x[i : i + 1].expand(m, -1, -1, -1), styles) for i in range(n)]
+    fakes = decode(vae, torch.cat(outs), scale).view(n, m, 3, size, size)
+    os.makedirs(out, exist_ok=True)
+    for i, src in enumerate(sources):
+        for j, name in enumerate(names):
+            save_grid(fakes[i, j : j + 1], os.path.join(out, f"{stem(src)}__{name}.png"), 1, pad=0)
+    # the grid: sources down the rows (first column), translations across; by reference, the
+    # references along the top
+    src = imgs.float() / 127.5 - 1
+    rows = [torch.cat([src[i : i + 1], fakes[i]]) for i in range(n)]
+    if cfg["ref"] is not None:
+        top = torch.cat([torch.full_like(src[:1], -1), ref_imgs.float() / 127.5 - 1])
+        rows.insert(0, top)
+    save_grid(torch.cat(rows), os.path.join(out, "grid.png"), nrow=m + 1)
+    print(
+        f"translated {n} images x {m} {'references' if cfg['ref'] else 'styles'} into {out} "
+        f"({n * m} PNGs and grid.png)"
+    )
+
+
+def stem(path):
+    """A file's path without its extension, sub-folders joined by '_': a name for its output."""
+    return os.path.splitext(path)[0].replace(os.sep, "_")
+
+
+# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
     cfg, ckpt = parse_config(argv)
+    if cfg["translate"]:
+        return translate(cfg, ckpt)
     B = cfg["batch_size"]
     # various inits, derived attributes, I/O setup
     device = torch.device(cfg["device"])
@@ -983,6 +1228,8 @@ def main(argv=None):
             file=sys.stderr,
         )
     domains, K = list(meta["domains"]), len(meta["domains"])
+    data_meta = {k: meta.get(k) for k in ("vae", "subfolder", "image_size")}  # for --translate
+    data_meta.update(domains=domains, latent_shape=list(meta["latents"].shape[1:]))
     latents = meta["latents"].float().mul_(cfg["latent_scale"]).to(device)
     labels = meta["labels"].long().to(device)
     C, H, W = latents.shape[1:]
@@ -1134,10 +1381,11 @@ def main(argv=None):
         scaler_G.scale(g_loss).backward(inputs=gef_params)  # G's, E's, F's grads: D's not needed
         scaler_G.step(opt_G)
         scaler_G.update()
-        if cfg["ema"] > 0:
+        if cfg["ema"] > 0:  # with a warm-up: early on the EMA follows the networks closely
+            beta = min(cfg["ema"], (1 + step) / (10 + step))
             with torch.no_grad():
                 for p_ema, p in ema_pairs:
-                    torch._foreach_lerp_(p_ema, p, 1 - cfg["ema"])
+                    torch._foreach_lerp_(p_ema, p, 1 - beta)
         d_fake = torch.cat([fr_logits, fl_logits]).mean()
         values = [d_loss, g_loss, g_adv, sty, ds, cyc, idl, r1, real_logits.mean(), d_fake]
         meter.push(step, [v.detach() for v in values])
@@ -1182,14 +1430,13 @@ def main(argv=None):
                     record.update(evaluator.reference)  # what real data reads: once per log
             log["records"].append(record)
             save_json_atomic(log, log_path)
-            grids.save(
-                *shown, ctx, samples_dir, f"epoch{epoch:03d}" if end_of_epoch else f"step{step:06d}"
-            )
+            tag = f"epoch{epoch:03d}" if end_of_epoch else f"step{step:06d}"
+            grids.save(*shown, ctx, os.path.join(samples_dir, f"{tag}.png"))
             evaluation_mode(nets, False)
             if end_of_epoch:
                 epoch, meter.sums = epoch + 1, None
             run = dict(step=step, epoch=epoch, elapsed=elapsed + time.perf_counter() - t_start)
-            run.update(sums=meter.sums)
+            run.update(sums=meter.sums, data_meta=data_meta)
             save_torch_atomic(checkpoint(cfg, run, modules, device), ckpt_path)
             saved_step = step
             t1 = time.perf_counter()

@@ -221,17 +221,22 @@ def parse_flags(parser, argv):
     return values, {k for k, v in probe.items() if v is not unset}
 
 
-def load_checkpoint(out_dir):
+def load_checkpoint(out_dir, flag="--resume"):
     """out_dir/ckpt.pt of this script, on the CPU; one line and exit 2 if missing or foreign."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
-        die(f"--resume: no checkpoint at {path}; start without --resume, or give its --out_dir")
+        how = (
+            "start without --resume, or give its --out_dir"
+            if flag == "--resume"
+            else "give --out_dir"
+        )
+        die(f"{flag}: no checkpoint at {path}; {how} of a run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say so in one line
-        die(f"--resume: {path} cannot be loaded ({type(e).__name__}: {first_line(e)})")
+        die(f"{flag}: {path} cannot be loaded ({type(e).__name__}: {first_line(e)})")
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
-        die(f"--resume: {path} is not a checkpoint of {SCRIPT}")
+        die(f"{flag}: {path} is not a checkpoint of {SCRIPT}")
     return ckpt
 
 
