@@ -8,6 +8,7 @@ Image folders (one sub-folder per domain) to unscaled SD-VAE latents in one .pt,
     python encode_latents.py ... --resume          # continue an interrupted encode where it stopped
     python encode_latents.py ... --decode_check 8  # decode 8 latents back: a PNG and the PSNR
     python encode_latents.py ... --vae ./sd-vae-ft-mse   # a local copy of the VAE (offline)
+    torchrun --standalone --nproc_per_node 8 encode_latents.py ...  # 8 GPUs, the same file
 
 Each image: RGB (grayscale repeated), shorter side resized to --size (bicubic, antialiased),
 center crop, scaled to [-1, 1], encoded by diffusers' AutoencoderKL. The latent is
@@ -145,9 +146,11 @@ class ArgParser(argparse.ArgumentParser):
         die(message)
 
 
-def die(msg):
-    """A user mistake: one line on stderr and exit status 2, no traceback."""
-    print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
+def die(msg, every_rank=False):
+    """A user mistake: one line on stderr and exit status 2, no traceback. Under torchrun every
+    rank finds the same mistake and rank 0 says it, unless it is one rank's own (every_rank)."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -425,7 +428,7 @@ def open_parts(cfg, parts, manifest, n_shards):
     if not cfg["resume"]:
         return set()
     if not os.path.isdir(parts):
-        print(f"--resume: no interrupted encode at {parts}; starting from the beginning")
+        print_once(f"--resume: no interrupted encode at {parts}; starting from the beginning")
         return set()
     try:
         with open(manifest_path) as f:
@@ -442,22 +445,51 @@ def open_parts(cfg, parts, manifest, n_shards):
             f"and images, or delete {parts} to start over"
         )
     done = {k for k in range(n_shards) if os.path.exists(shard_path(parts, k))}
-    print(f"resuming: {len(done)} of {n_shards} shards done")
+    print_once(f"resuming: {len(done)} of {n_shards} shards done")
     return done
+
+
+def init_distributed(device, backend=None):
+    """(rank, world size, device) of this process. Under torchrun (RANK in the environment) it
+    joins the process group: NCCL and one GPU per local rank on CUDA, else gloo (or backend);
+    without torchrun, (0, 1, device) and nothing changes."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def duration(seconds):
+    """A time span in the units a person reads: 1h02m, 3m05s, 12s."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def print_once(msg):
+    """print, on rank 0 alone under torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg)
 
 
 def shard_path(parts, k):
     return os.path.join(parts, f"shard_{k:05d}.pt")
 
 
-def assemble(parts, n_shards, items):
-    """(latents, index of each latent in items) from the finished shards, in order."""
-    index, latents = [], []
+def assemble(parts, n_shards):
+    """(latents, index of each latent in the items, the unreadable (path, error)s) from the
+    finished shards, in order."""
+    index, latents, bad = [], [], []
     for k in range(n_shards):
         s = torch.load(shard_path(parts, k), weights_only=True)
+        bad += [tuple(b) for b in s["bad"]]
         if len(s["index"]):
             index.append(s["index"]), latents.append(s["latents"])
-    return torch.cat(latents), torch.cat(index)
+    return torch.cat(latents), torch.cat(index), bad
 
 
 def decode_check(vae, result, index, items, cfg, idx_images, device, dtype):
@@ -485,7 +517,9 @@ def decode_check(vae, result, index, items, cfg, idx_images, device, dtype):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    device = torch.device(cfg["device"])
+    # under torchrun each rank encodes every world-th shard; rank 0 assembles the file. gloo even
+    # on GPUs: the ranks only meet at barriers
+    rank, world, device = init_distributed(torch.device(cfg["device"]), backend="gloo")
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
     dtype = dtype[cfg["dtype"]]
     out, parts = cfg["out"], cfg["out"] + ".parts"
@@ -518,8 +552,13 @@ def main(argv=None):
         vae = load_vae(cfg["vae"], cfg["subfolder"], device, dtype)
     except ValueError as e:
         die(str(e))
-    os.makedirs(parts, exist_ok=True)
-    save_json_atomic(manifest, os.path.join(parts, "manifest.json"))
+    if world > 1:  # every rank has looked for an interrupted encode before rank 0 makes one
+        torch.distributed.barrier()
+    if rank == 0:
+        os.makedirs(parts, exist_ok=True)
+        save_json_atomic(manifest, os.path.join(parts, "manifest.json"))
+    if world > 1:
+        torch.distributed.barrier()
     memory_format = torch.contiguous_format
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -529,7 +568,7 @@ def main(argv=None):
 
     # the encode loop: one DataLoader over the shards still to do, in order, so the batches are a
     # full run's
-    todo = [k for k in range(n_shards) if k not in done]
+    todo = [k for k in range(n_shards) if k not in done][rank::world]  # this rank's shards
     order = [i for k in todo for i in range(k * S, min((k + 1) * S, n))]
     dataset = torch.utils.data.Subset(Items(items, cfg["images"], cfg["size"], idx_images), order)
     loader = torch.utils.data.DataLoader(
@@ -552,11 +591,13 @@ def main(argv=None):
                 print(f"warning: skipping {items[i][0]}: {e}", file=sys.stderr)
                 shard["bad"].append((items[i][0], e))
                 bad.append((items[i][0], e))
-        if len(bad) > cfg["max_bad"] * n:
+        if len(bad) > cfg["max_bad"] * n:  # this rank's alone are too many already
             die(
+                f"{'' if world == 1 else f'rank {rank}: '}"
                 f"{len(bad)} of {n} images could not be read, more than --max_bad "
                 f"{cfg['max_bad']:g} of them (first: {bad[0][0]}: {bad[0][1]}); fix or remove "
-                "them, or raise --max_bad. Done so far is kept: --resume"
+                "them, or raise --max_bad. Done so far is kept: --resume",
+                every_rank=True,
             )
         if ok.any():
             x = x[ok].to(device, non_blocking=True)
@@ -574,7 +615,8 @@ def main(argv=None):
             if not torch.isfinite(z).all():
                 die(
                     f"non-finite latents for the batch starting at {items[idx[0].item()][0]} in "
-                    f"{cfg['dtype']}; try --dtype float32 (or bfloat16)"
+                    f"{cfg['dtype']}; try --dtype float32 (or bfloat16)",
+                    every_rank=True,
                 )
             shard["latents"].append(z.to(torch.float16).cpu())
             shard["index"] += idx[ok].tolist()
@@ -587,20 +629,32 @@ def main(argv=None):
             )
             shard = None
         now = time.perf_counter()
-        if now - t_print > 2 or n_done == len(order):
+        if (now - t_print > 2 or n_done == len(order)) and rank == 0:
             rate = n_done / (now - t0)
             total = n_done + sum(min(S, n - k * S) for k in done)
-            msg = (
-                f"encoded {total}/{n} ({100 * total / n:.0f}%) | {rate:.1f} img/s | eta "
-                f"{(len(order) - n_done) / rate:.0f}s"
-            )
+            left = f"eta {duration((len(order) - n_done) / rate)}"
+            msg = f"encoded {total}/{n} ({100 * total / n:.0f}%) | {rate:.1f} img/s | {left}"
+            if world > 1:  # rank 0's share, in its own time: the others go at its pace
+                msg = f"rank 0 of {world}: encoded {n_done}/{len(order)} | {rate * world:.1f} img/s"
+                msg += f" (all ranks) | {left}"
             last = not is_tty or n_done == len(order)
             print(("\r" + msg) if is_tty else msg, end="\n" if last else "", flush=True)
             t_print = now
-    rate = n_done / max(time.perf_counter() - t0, 1e-9)
+    rate = n_done * world / max(time.perf_counter() - t0, 1e-9)
+    if world > 1:  # every shard is written; rank 0 assembles them
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return
 
     # assemble the final file from the shards, atomically, then drop the progress folder
-    latents, index = assemble(parts, n_shards, items)
+    latents, index, bad = assemble(parts, n_shards)
+    if len(bad) > cfg["max_bad"] * n:  # the ranks' together
+        die(
+            f"{len(bad)} of {n} images could not be read, more than --max_bad {cfg['max_bad']:g} "
+            f"of them (first: {bad[0][0]}: {bad[0][1]}); fix or remove them, or raise --max_bad. "
+            "Done so far is kept: --resume"
+        )
     labels = torch.tensor([items[i][1] for i in index.tolist()], dtype=torch.int64)
     result = {
         "latents": latents,

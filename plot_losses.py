@@ -33,14 +33,18 @@ import numpy as np
 SCRIPT = "plot_losses.py"
 ORDER = ["d_loss", "g_loss", "g_adv", "sty", "ds", "cyc", "id", "r1", "lambda_ds"]  # seed 001's
 NOT_CURVES = {"epoch", "step", "time", "partial"}
-REFERENCE = {"clf_acc", "fd_real", "kid_real", "is_real", "div_real"}  # logged once: lines
+PRDC = ("precision", "recall", "density", "coverage")
+REFERENCE = {"clf_acc", "fd_real", "kid_real", "is_real", "div_real"} | {f"{m}_real" for m in PRDC}
+# a curve's real-data level, logged once and drawn as a line
 REAL_LEVEL = {
     "fd": "fd_real",
     "fd_mean": "fd_real",
     "kid": "kid_real",
     "is": "is_real",
     "div": "div_real",
+    **{m: f"{m}_real" for m in PRDC},
 }
+PER_DOMAIN = {"fd": "fd_mean", **{m: m for m in PRDC}}  # fd_<domain> goes in the fd_mean panel
 LN2 = math.log(2)
 
 # -----------------------------------------------------------------------------
@@ -84,6 +88,8 @@ def build_parser():
                    help="fewer covered classes than this at the last evaluation: mode collapse")
     p.add_argument("--div_drop", type=float, default=0.25,
                    help="div below this share of its peak: diversity collapse")
+    p.add_argument("--low_coverage", type=float, default=0.5,
+                   help="coverage below this share of real data's at the last evaluation: collapse")
     # fmt: on
     return p
 
@@ -95,9 +101,11 @@ class ArgParser(argparse.ArgumentParser):
         die(message)
 
 
-def die(msg):
-    """A user mistake: one line on stderr and exit status 2, no traceback."""
-    print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
+def die(msg, every_rank=False):
+    """A user mistake: one line on stderr and exit status 2, no traceback. Under torchrun every
+    rank finds the same mistake and rank 0 says it, unless it is one rank's own (every_rank)."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -201,9 +209,13 @@ def curve_keys(runs):
     return [k for k in ORDER if k in seen] + rest + ["imgs_per_sec"] * ("imgs_per_sec" in seen)
 
 
-def is_domain_fd(key):
-    """fd_<domain> of the latent StarGAN: drawn inside the fd_mean panel."""
-    return key.startswith("fd_") and key not in ("fd_mean", "fd_real")
+def domain_panel(key, keys):
+    """The panel a per-domain figure of the latent StarGAN (fd_<domain>, coverage_<domain>, ...)
+    is drawn in, with its mean; None for any other key."""
+    for prefix, panel in PER_DOMAIN.items():
+        if key.startswith(prefix + "_") and key != panel and key not in REFERENCE and panel in keys:
+            return panel
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -224,14 +236,16 @@ def loss_kind(meta, records):
     return "wgan" if loss in ("wgan", "wgan-gp") else loss
 
 
-def r1_weight(meta):
-    """What multiplies the logged (mean) r1 in d_loss, and how to say it."""
+def penalty_weight(meta, key):
+    """What multiplies the logged (mean) r1 or r2 in d_loss, and how to say it."""
     cfg = meta["config"]
-    if "w_r1" in cfg:
+    w = {"r1": "w_r1", "r2": "w_r2"}[key]
+    if w in cfg:
         k = cfg.get("r1_interval", 1)
-        return cfg["w_r1"] * k, f"w_r1 * r1_interval = {cfg['w_r1']:g} * {k}"
-    if cfg.get("r1"):
-        return cfg["r1"] / 2, f"GAMMA/2 = {cfg['r1'] / 2:g}"
+        return cfg[w] * k, f"{w} * r1_interval = {cfg[w]:g} * {k}"
+    if cfg.get(key):
+        end = " at the start" if cfg.get("gamma_end") is not None else ""
+        return cfg[key] / 2, f"GAMMA/2 = {cfg[key] / 2:g}{end}"
     return None, None
 
 
@@ -244,6 +258,10 @@ def reference_lines(meta, key, records):
         lines.append((LN2, "D = 1/2: ln 2"))
     if key == "d_loss" and kind == "lsgan":
         lines.append((0.25, "D = 1/2"))
+    if key == "d_loss" and kind == "nsgan":
+        lines.append((2 * LN2, "logits 0: 2 ln 2"))
+    if key in ("d_loss", "g_loss") and kind == "rpgan":
+        lines.append((LN2, "D(fake) = D(real): ln 2"))
     if key == "g_loss" and kind == "bce":
         lines.append((LN2, "D(G(z)) = 1/2: ln 2"))
     if key == "g_loss" and kind == "minimax":
@@ -311,9 +329,8 @@ def divergence(meta, records, th):
 
 def d_dominates(meta, records, th):
     """d_loss ends near 0, against its balance level, while the generator's loss climbs."""
-    balance = {"hinge": 2.0, "bce": LN2, "minimax": LN2, "lsgan": 0.25}.get(
-        loss_kind(meta, records)
-    )
+    levels = {"hinge": 2.0, "bce": LN2, "minimax": LN2, "lsgan": 0.25, "nsgan": 2 * LN2}
+    balance = levels.get(loss_kind(meta, records))
     g_key = "g_adv" if any("g_adv" in r for r in records) else "g_loss"
     d, g, w = column(records, "d_loss"), column(records, g_key), window(len(records))
     if balance is None or len(finite(d)) < 2 or len(finite(g)) < 2:
@@ -333,8 +350,9 @@ def d_stuck(meta, records, th):
     """Hinge d_loss (less R1's share) pinned near 2, or BCE D(x) and D(G(z)) both near 1/2."""
     kind, d = loss_kind(meta, records), column(records, "d_loss")
     if kind == "hinge":
-        weight, _ = r1_weight(meta)
-        hinge = d - (weight or 0) * np.nan_to_num(column(records, "r1"))  # less R1's share
+        hinge = d.copy()
+        for k in ("r1", "r2"):  # less the penalties' share
+            hinge -= (penalty_weight(meta, k)[0] or 0) * np.nan_to_num(column(records, k))
         near = np.abs(hinge - 2.0) < th.pinned_tol
         what = f"the hinge part of d_loss stays within {th.pinned_tol} of 2 (D's logits near 0)"
     elif kind in ("bce", "minimax") and "d_real" in records[-1]:
@@ -387,19 +405,23 @@ def ds_collapse(meta, records, th):
 
 
 def r1_share(meta, records, th):
-    """What R1 added to d_loss on average: its raw value is averaged with the steps without it."""
-    r1, d, w = column(records, "r1"), column(records, "d_loss"), window(len(records))
-    weight, how = r1_weight(meta)
-    if not weight or not len(finite(r1)) or np.nanmax(np.abs(r1)) == 0:
-        return []
-    r1_end, d_end = np.nanmean(r1[-w:]), np.nanmean(d[-w:])
-    share, k = weight * r1_end, meta["config"].get("r1_interval", 1)
-    zeros = f" (the raw penalty, 0 on {k - 1} of every {k} steps)" if k > 1 else ""
-    return [
-        f"r1 averages {r1_end:.4g} over the last {w} epochs{zeros}; it adds {how} x "
-        f"{r1_end:.4g} = {share:.4g} to d_loss on average, "
-        f"{100 * share / max(abs(d_end), 1e-12):.1f}% of d_loss {d_end:.3f}"
-    ]
+    """What R1 (and R2) added to d_loss on average: their raw values are averaged with the steps
+    without them."""
+    out, d, w = [], column(records, "d_loss"), window(len(records))
+    for key in ("r1", "r2"):
+        r = column(records, key)
+        weight, how = penalty_weight(meta, key)
+        if not weight or not len(finite(r)) or np.nanmax(np.abs(r)) == 0:
+            continue
+        r_end, d_end = np.nanmean(r[-w:]), np.nanmean(d[-w:])
+        share, k = weight * r_end, meta["config"].get("r1_interval", 1)
+        zeros = f" (the raw penalty, 0 on {k - 1} of every {k} steps)" if k > 1 else ""
+        out.append(
+            f"{key} averages {r_end:.4g} over the last {w} epochs{zeros}; it adds {how} x "
+            f"{r_end:.4g} = {share:.4g} to d_loss on average, "
+            f"{100 * share / max(abs(d_end), 1e-12):.1f}% of d_loss {d_end:.3f}"
+        )
+    return out
 
 
 def oscillation(meta, records, th):
@@ -434,17 +456,29 @@ def oscillation(meta, records, th):
 
 
 def mode_collapse(meta, records, th):
-    """Fewer than --min_modes classes covered at the last evaluation."""
-    modes, ep = column(records, "modes"), xs_of(records, "epoch")
-    if not len(finite(modes)):
+    """At the last evaluation: fewer than --min_modes classes covered, or a coverage below
+    --low_coverage of real data's (few real samples have a generated one near them)."""
+    modes, cov, ep = column(records, "modes"), column(records, "coverage"), xs_of(records, "epoch")
+    seen = np.flatnonzero(np.isfinite(modes) | np.isfinite(cov))
+    if not len(seen):
         return []
-    i = int(np.flatnonzero(np.isfinite(modes))[-1])
-    if modes[i] >= th.min_modes:
+    i = int(seen[-1])
+    real = finite(column(records, "coverage_real"))
+    low_cov = bool(np.isfinite(cov[i]) and len(real) and cov[i] < th.low_coverage * real[0])
+    if not (modes[i] < th.min_modes or low_cov):
         return []
-    kl, fd = column(records, "kl_uniform")[i], column(records, "fd")[i]
+    said = [f"the samples cover {modes[i]:.0f} of 10 classes"] if modes[i] < th.min_modes else []
+    if low_cov:
+        real_text = f" against real data's {real[0]:.3f}" if len(real) else ""
+        said.append(f"coverage is {cov[i]:.3f}{real_text}")
+    figures = [
+        f"{k} {column(records, k)[i]:.3g}"
+        for k in ("kl_uniform", "fd", "fd_mean")
+        if np.isfinite(column(records, k)[i])
+    ]
     return [
-        f"mode collapse: the samples cover {modes[i]:.0f} of 10 classes at epoch {ep[i]:g} "
-        f"(kl_uniform {kl:.3f}, fd {fd:.3g}); the losses can look fine while this happens"
+        f"mode collapse: {' and '.join(said)} at epoch {ep[i]:g} ({', '.join(figures)}); "
+        "the losses can look fine while this happens"
     ]
 
 
@@ -503,13 +537,14 @@ def title_of(meta, records, label):
     cfg = meta["config"]
     bits = [meta.get("script") or "records", label]
     if is_translation(meta, records):
-        weights = ("w_adv", "w_sty", "w_ds", "w_cyc", "w_id", "w_r1")
+        bits.append(f"adv_loss {cfg.get('adv_loss', 'hinge')}")
+        weights = ("w_adv", "w_sty", "w_ds", "w_cyc", "w_id", "w_r1", "w_r2")
         bits.append(" ".join(f"{k} {cfg[k]:g}" for k in weights if k in cfg))
         bits.append(
             f"ds_decay_epochs {cfg.get('ds_decay_epochs')}, r1_interval {cfg.get('r1_interval')}"
         )
     elif cfg.get("loss"):
-        extra = f", r1 {cfg['r1']:g}" if cfg.get("r1") else ""
+        extra = "".join(f", {k} {cfg[k]:g}" for k in ("r1", "r2", "gamma_end") if cfg.get(k))
         opt = cfg.get("optimizer", "")
         betas = f" betas ({cfg['b1']:g}, {cfg['b2']:g})" if opt == "adam" and "b1" in cfg else ""
         bits.append(
@@ -526,7 +561,7 @@ def reference_note(runs, labels):
         ref = {k: finite(column(records, k)) for k in sorted(REFERENCE)}
         ref = {k: v[0] for k, v in ref.items() if len(v)}
         if ref:
-            order = ("clf_acc", "fd_real", "kid_real", "is_real", "div_real")
+            order = ("clf_acc", "fd_real", "kid_real", "is_real", "div_real", "coverage_real")
             text = ", ".join(f"{k} {ref[k]:.3g}" for k in order if k in ref)
             refs.append((label, "evaluation reference: " + text))
     if len({text for _, text in refs}) == 1 and len(refs) == len(runs):  # the same data: once
@@ -542,8 +577,8 @@ def plot(runs, labels, out, x, k_smooth, footer):
 
     keys = [k for k in curve_keys(runs) if k not in REFERENCE]
     zero = [k for k in keys if all(not np.nan_to_num(column(r, k)).any() for _, r in runs)]
-    domain_fds = [k for k in keys if is_domain_fd(k)]
-    keys = [k for k in keys if k not in zero and not (is_domain_fd(k) and "fd_mean" in keys)]
+    inside = {k: domain_panel(k, keys) for k in keys if domain_panel(k, keys)}  # per domain
+    keys = [k for k in keys if k not in zero and k not in inside]
     ncol = min(4, max(1, len(keys)))
     nrow = max(1, math.ceil(len(keys) / ncol))
     size = (4.2 * ncol, 2.7 * nrow + 0.9 + 0.22 * len(footer))
@@ -562,12 +597,12 @@ def plot(runs, labels, out, x, k_smooth, footer):
                 ax.plot(xs, smooth(ys, k_smooth), color=c, lw=1.4, label=label)
             else:
                 ax.plot(xs, ys, color=c, lw=1.4, marker="." if len(ys) < 30 else None, label=label)
-            if key == "fd_mean" and len(runs) == 1:  # each domain's fd, thin, under the mean
-                for dk in domain_fds:
+            mine = [k for k, panel in inside.items() if panel == key]
+            if mine and len(runs) == 1:  # each domain's figure, thin, under the mean
+                for dk in mine:
                     m = np.isfinite(column(records, dk))
                     ax.plot(xs[m], column(records, dk)[m], lw=0.8, alpha=0.7, label=dk)
-                if domain_fds:
-                    ax.legend(fontsize=6)
+                ax.legend(fontsize=6)
             for y, text in reference_lines(meta, key, records):
                 if (y, text) not in drawn.setdefault(key, set()):  # each level once
                     drawn[key].add((y, text))

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_latent_stargan as stargan
 import train_mnist_gan as mnist
@@ -296,16 +297,92 @@ def test_every_loss_at_zero_logits_and_unknown_ones_fail():
         "wgan-gp": (0.0, 0.0),
         "hinge": (2.0, 0.0),
         "lsgan": (0.5, 0.5),
+        "rpgan": (math.log(2), math.log(2)),
     }
     assert set(expect) == set(mnist.LOSSES)
     zero = torch.zeros(7, 1)
     for loss, (d, g) in expect.items():
         assert mnist.d_loss_fn(loss, zero, zero).item() == pytest.approx(d, abs=1e-12), loss
-        assert mnist.g_loss_fn(loss, zero).item() == pytest.approx(g, abs=1e-12), loss
+        assert mnist.g_loss_fn(loss, zero, zero).item() == pytest.approx(g, abs=1e-12), loss
     with pytest.raises(ValueError):
         mnist.d_loss_fn("nope", zero, zero)
     with pytest.raises(ValueError):
         mnist.g_loss_fn("nope", zero)
+
+
+# -----------------------------------------------------------------------------
+# RpGAN (Huang et al. 2024, "The GAN is dead; long live the GAN!"), written from its equations:
+# L_D = E_{x, z}[f(D(G(z)) - D(x))], L_G = E_{x, z}[f(D(x) - D(G(z)))], f(t) = softplus(t) =
+# -log(sigmoid(-t)), over pairs of a real and a fake; R1 and R2: E||grad D||^2 at reals, fakes
+
+
+def rpgan_reference(real, fake):
+    pairs = list(zip(real.flatten().tolist(), fake.flatten().tolist()))
+    f = lambda t: math.log1p(math.exp(t))  # noqa: E731
+    L_D = sum(f(d_fake - d_real) for d_real, d_fake in pairs) / len(pairs)
+    L_G = sum(f(d_real - d_fake) for d_real, d_fake in pairs) / len(pairs)
+    return L_D, L_G
+
+
+def test_rpgan_matches_its_equations_pair_by_pair():
+    r, f = logits(n=33, seed=20), logits(n=33, seed=21)
+    L_D, L_G = rpgan_reference(r, f)
+    assert mnist.d_loss_fn("rpgan", r, f).item() == pytest.approx(L_D, rel=1e-12)
+    assert mnist.g_loss_fn("rpgan", f, r).item() == pytest.approx(L_G, rel=1e-12)
+    for kind in ("rpgan",):
+        assert stargan.d_adv_loss(kind, r, f).item() == pytest.approx(L_D, rel=1e-12)
+        assert stargan.g_adv_loss(kind, f, r).item() == pytest.approx(L_G, rel=1e-12)
+    # per pair, not per batch: pairing the reals in another order changes the loss
+    shuffled = r[torch.randperm(33, generator=torch.Generator().manual_seed(0))]
+    assert abs(mnist.d_loss_fn("rpgan", shuffled, f).item() - L_D) > 1e-3
+    # G's loss reads the real logits: it moves with them, and refuses to go without them
+    assert mnist.g_loss_fn("rpgan", f, r + 1).item() > L_G
+    with pytest.raises(ValueError, match="real logits"):
+        mnist.g_loss_fn("rpgan", f)
+    with pytest.raises(ValueError, match="real logits"):
+        stargan.g_adv_loss("rpgan", f)
+
+
+def test_stargan_nsgan_is_stargan_v2s_bce():
+    # StarGAN v2's adv_loss(logits, target) = BCE-with-logits against a constant target
+    def adv_loss(out, target):
+        return F.binary_cross_entropy_with_logits(out, torch.full_like(out, float(target)))
+
+    r, f = logits(seed=22), logits(seed=23)
+    torch.testing.assert_close(stargan.d_adv_loss("nsgan", r, f), adv_loss(r, 1) + adv_loss(f, 0))
+    torch.testing.assert_close(stargan.g_adv_loss("nsgan", f), adv_loss(f, 1))
+    # hinge is seed 001's, through the same entry points
+    torch.testing.assert_close(stargan.d_adv_loss("hinge", r, f), seed001_d_hinge_loss(r, f))
+    torch.testing.assert_close(stargan.g_adv_loss("hinge", f), seed001_g_adversarial_loss(f))
+
+
+@pytest.mark.parametrize(
+    "script", [mnist, stargan], ids=["train_mnist_gan", "train_latent_stargan"]
+)
+def test_r1_and_r2_in_one_double_backward_equal_two(script):
+    torch.manual_seed(0)
+    D = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+    )
+    real, fake = torch.randn(5, 3, 2, 2), torch.randn(7, 3, 2, 2)
+    r1, r2 = script.r1_r2_penalty(D, real, fake)
+    xr, xf = real.clone().requires_grad_(True), fake.clone().requires_grad_(True)
+    torch.testing.assert_close(r1, script.r1_penalty(D(xr), xr))
+    torch.testing.assert_close(r2, script.r1_penalty(D(xf), xf))  # R2: R1's formula at the fakes
+    # both reach D's weights, as the separate penalties do (the last bias is in neither)
+    params = list(D.parameters())[:-1]
+    g_one = torch.autograd.grad(r1 + r2, params)
+    xr, xf = real.clone().requires_grad_(True), fake.clone().requires_grad_(True)
+    sep = script.r1_penalty(D(xr), xr) + script.r1_penalty(D(xf), xf)
+    for a, b in zip(g_one, torch.autograd.grad(sep, params)):
+        torch.testing.assert_close(a, b)
+
+
+def test_gamma_decays_on_a_cosine():
+    assert mnist.gamma_at(10.0, None, 500, 1000) == 10.0  # no --gamma_end: constant
+    got = [mnist.gamma_at(10.0, 1.0, t, 1000) for t in (0, 250, 500, 1000, 2000)]
+    expect = [1 + 9 * 0.5 * (1 + math.cos(math.pi * t / 1000)) for t in (0, 250, 500, 1000, 1000)]
+    assert got == pytest.approx(expect, rel=1e-12) and got[0] == 10.0 and got[-1] == 1.0
 
 
 # -----------------------------------------------------------------------------
@@ -570,6 +647,50 @@ def test_classifier_score():
     py = p.mean(0)
     kl = [(row * np.log(row / py)).sum() for row in p]
     assert mnist.classifier_score(p) == pytest.approx(np.exp(np.mean(kl)), rel=1e-9)
+
+
+def prdc_reference(real, fake, k):
+    """Naeem et al.'s definitions, brute force (as their compute_prdc writes them, in numpy)."""
+    d_rr = np.linalg.norm(real[:, None] - real[None], axis=-1)
+    d_ff = np.linalg.norm(fake[:, None] - fake[None], axis=-1)
+    d_rf = np.linalg.norm(real[:, None] - fake[None], axis=-1)
+    r_real = np.sort(d_rr, axis=1)[:, k]  # the k-th nearest other point (index 0 is itself)
+    r_fake = np.sort(d_ff, axis=1)[:, k]
+    return {
+        "precision": (d_rf < r_real[:, None]).any(axis=0).mean(),
+        "recall": (d_rf < r_fake[None, :]).any(axis=1).mean(),
+        "density": (1 / k) * (d_rf < r_real[:, None]).sum(axis=0).mean(),
+        "coverage": (d_rf.min(axis=1) < r_real).mean(),
+    }
+
+
+@pytest.mark.parametrize(
+    "script", [mnist, stargan], ids=["train_mnist_gan", "train_latent_stargan"]
+)
+def test_prdc_against_brute_force(script):
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(80, 6)), rng.normal(0.4, 1.2, size=(60, 6))
+    ref = prdc_reference(real, fake, 5)
+    got = script.prdc(torch.from_numpy(real), torch.from_numpy(fake), k=5, chunk=7)  # chunks
+    for key, v in ref.items():
+        assert got[key] == pytest.approx(v, abs=1e-12), key
+    assert 0 < got["precision"] < 1 and 0 < got["coverage"] < 1  # a case with something to count
+
+
+def test_prdc_known_cases():
+    rng = np.random.default_rng(1)
+    real = torch.from_numpy(rng.normal(size=(50, 4)))
+    same = mnist.prdc(real, real.clone(), k=5)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    # density: each real's ball holds itself and k - 1 others, the k-th on its edge: density 1,
+    # up to how cdist rounds the distances that tie there
+    assert same["density"] == pytest.approx(1.0, abs=0.02)
+    far = mnist.prdc(real, real + 100.0, k=5)  # disjoint sets
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    one = mnist.prdc(
+        real, real[:1].repeat(50, 1) + 1e-3 * torch.randn(50, 4, dtype=real.dtype), k=5
+    )
+    assert one["coverage"] <= 0.2 and one["precision"] == 1.0  # collapsed: precise, not covering
 
 
 # -----------------------------------------------------------------------------

@@ -5,6 +5,8 @@ Seed 001's StarGAN v2 in Stable Diffusion VAE latent space: every loss and log a
     python train_latent_stargan.py --data data/latents.pt --ds_decay_epochs 20
     python train_latent_stargan.py --resume --out_dir out/latent_stargan    # continue exactly
     python plot_losses.py out/latent_stargan/log.json                       # the curves, explained
+    torchrun --standalone --nproc_per_node 8 train_latent_stargan.py --data data/latents.pt # 8 GPUs
+    python train_latent_stargan.py --translate my_photos --out_dir out/latent_stargan --target dog
 
 A smoke test on Fashion-MNIST's IDX files in data/fashion (train_mnist_gan.py --dataset fashion
 downloads them there) and a random tiny VAE, which the tests can write:
@@ -28,10 +30,13 @@ One step (seed 001). content, x_ref = latents * latent_scale; y_trg uniform, nev
   lambda_ds(epoch) = w_ds * (1 - clamp((epoch - 1) / ds_decay_epochs, 0, 1)): w_ds at epoch 1,
       0 from epoch ds_decay_epochs + 1.
 Every loss is computed on the scaled latents. G, E and F are updated together; D separately.
+--adv_loss nsgan (StarGAN v2's BCE) or rpgan (R3GAN's relativistic pairing, each fake against the
+real x_ref of its row) replace d_hinge and g_adv; --w_r2 adds R2, R1 on the fakes, on R1's steps.
 
-Output in --out_dir: log.json (per-epoch means of d_loss g_loss g_adv sty ds cyc id r1 d_real
-d_fake, with lambda_ds, imgs_per_sec and time), samples/ (reference- and latent-guided grids every
-epoch, decoded through the VAE when it loads), ckpt.pt (everything --resume needs).
+Output in --out_dir: log.json (per-epoch means of d_loss g_loss g_adv sty ds cyc id r1 r2 d_real
+d_fake, with lambda_ds, imgs_per_sec and time, and the evaluation figures), samples/epochNNN.png
+(reference- and latent-guided translations, decoded through the VAE when it loads), ckpt.pt
+(everything --resume needs, on any number of processes).
 """
 
 import argparse
@@ -54,11 +59,13 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 SCRIPT = "train_latent_stargan.py"
 WARMUP_STEPS = 10  # steps left out of the final throughput (torch.compile compiles in the first)
-LOG_KEYS = ["d_loss", "g_loss", "g_adv", "sty", "ds", "cyc", "id", "r1", "d_real", "d_fake"]
+LOG_KEYS = ["d_loss", "g_loss", "g_adv", "sty", "ds", "cyc", "id", "r1", "r2", "d_real", "d_fake"]
+ADV_LOSSES = ("hinge", "nsgan", "rpgan")
+PRDC = ("precision", "recall", "density", "coverage")
 ARCH = ("style_dim", "latent_dim", "g_dim", "g_blocks", "g_down", "e_dim", "d_dim", "f_dim")
 # a resumed run cannot change these: the networks, the epoch bookkeeping, the held-out split
-FIXED = ARCH + ("f_shared", "batch_size", "epoch_size", "val_fraction")
-SYSTEM = ("device", "dtype", "compile")  # this machine's, never taken from a checkpoint
+FIXED = ARCH + ("f_shared", "batch_size", "epoch_size", "val_fraction", "adv_loss")
+SYSTEM = ("device", "dtype", "compile", "world_size")  # this machine's, not the checkpoint's
 TRANSLATE = ("translate", "ref", "target", "n_styles", "result_dir", "vae", "resume")
 
 # -----------------------------------------------------------------------------
@@ -103,7 +110,12 @@ def build_parser():
                    help="weight of cyc, cycle consistency (raise it if content breaks)")
     p.add_argument("--w_id", type=nonneg_float, default=1.0,
                    help="weight of id, identity (0 skips the term and logs it as 0)")
+    p.add_argument("--adv_loss", choices=ADV_LOSSES, default="hinge",
+                   help="hinge (seed 001), nsgan (StarGAN v2's BCE) or rpgan (R3GAN's, each fake "
+                        "paired with the real reference of its row)")
     p.add_argument("--w_r1", type=nonneg_float, default=2.0, help="weight of the R1 penalty")
+    p.add_argument("--w_r2", type=nonneg_float, default=0.0,
+                   help="weight of R2, R1 on the fakes, on R1's steps and compensated (R3GAN)")
     p.add_argument("--r1_interval", type=positive_int, default=16,
                    help="R1 every this many steps, its weight multiplied by it")
     # schedule and optimizers
@@ -185,7 +197,11 @@ def parse_config(argv=None):
         )
     if cfg["eval_interval"] and cfg["val_fraction"] <= 0:
         die("evaluation needs held-out latents: give --val_fraction > 0, or --eval_interval 0")
-    return cfg | system_config(cfg), ckpt
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes, all of them
+    if cfg["batch_size"] % world:
+        die(f"--batch_size {cfg['batch_size']} is the global batch and {world} processes cannot "
+            f"share it evenly; give a multiple of {world}")  # fmt: skip
+    return cfg | system_config(cfg) | {"world_size": world}, ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -199,9 +215,11 @@ class ArgParser(argparse.ArgumentParser):
         die(message)
 
 
-def die(msg):
-    """A user mistake: one line on stderr and exit status 2, no traceback."""
-    print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
+def die(msg, every_rank=False):
+    """A user mistake: one line on stderr and exit status 2, no traceback. Under torchrun every
+    rank finds the same mistake and rank 0 says it, unless it is one rank's own (every_rank)."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -320,6 +338,44 @@ def r1_penalty(real_logits, real):
     return grad.pow(2).flatten(1).sum(1).mean()
 
 
+def d_adv_loss(kind, real_logits, fake_logits):
+    """D's adversarial loss on one path. hinge: seed 001's d_hinge_loss. nsgan: StarGAN v2's
+    BCE(D(x), 1) + BCE(D(G(x, s)), 0) = mean softplus(-real) + mean softplus(fake). rpgan: R3GAN's
+    mean softplus(fake - real), each fake paired with the real reference of its row."""
+    if kind == "hinge":
+        return d_hinge_loss(real_logits, fake_logits)
+    if kind == "nsgan":
+        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    if kind == "rpgan":
+        return F.softplus(fake_logits - real_logits).mean()
+    raise ValueError(f"unknown adversarial loss {kind!r}")
+
+
+def g_adv_loss(kind, fake_logits, real_logits=None):
+    """G's adversarial loss on one path. hinge: seed 001's g_adversarial_loss (-mean). nsgan:
+    BCE(D(G(x, s)), 1) = mean softplus(-fake). rpgan: mean softplus(real - fake), per pair: it
+    reads the real logits."""
+    if kind == "hinge":
+        return g_adversarial_loss(fake_logits)
+    if kind == "nsgan":
+        return F.softplus(-fake_logits).mean()
+    if kind == "rpgan":
+        if real_logits is None:
+            raise ValueError("rpgan's generator loss needs the real logits")
+        return F.softplus(real_logits - fake_logits).mean()
+    raise ValueError(f"unknown adversarial loss {kind!r}")
+
+
+def r1_r2_penalty(logits_of, real, fake):
+    """R1 on real and R2 on the (detached) fakes, each seed 001's mean over its samples of
+    sum(grad^2), from one double backward through D over both together: D has no
+    batch-dependent layer, so one call computes what two compute. logits_of: x -> D's logits."""
+    x = torch.cat([real, fake]).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(logits_of(x).sum(), x, create_graph=True)
+    per_sample = grad.pow(2).flatten(1).sum(1)
+    return per_sample[: len(real)].mean(), per_sample[len(real) :].mean()
+
+
 def style_reconstruction_loss(pred_style, target_style):
     """L1(E(G(x, s)), s): the output's style must be recoverable."""
     return F.l1_loss(pred_style, target_style)
@@ -327,7 +383,9 @@ def style_reconstruction_loss(pred_style, target_style):
 
 def diversity_sensitive_loss(fake_1, fake_2, margin=None):
     """L1(fake_1, fake_2), clamped at margin when one is set. It enters g_loss with a minus sign."""
-    dist = F.l1_loss(fake_1, fake_2)
+    dist = batch_mean(
+        F.l1_loss(fake_1, fake_2)
+    )  # under torchrun: the whole batch's, as one process
     return dist.clamp(max=margin) if margin else dist
 
 
@@ -806,6 +864,41 @@ def embed(clf, x, batch_size=1000):
     return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 
+def prdc(real_features, fake_features, k=5, chunk=1024):
+    """Precision, recall, density and coverage (Naeem et al. 2020) of fake features against real
+    ones. r_k(a) is the distance from a to its k-th nearest neighbour in its own set. precision:
+    the share of fakes within r_k(x) of some real x; recall: the share of reals within r_k(y) of
+    some fake y; density: (1 / kM) times the number, summed over the M fakes, of reals x whose
+    r_k(x) holds the fake; coverage: the share of reals whose nearest fake is within their own
+    r_k. Computed chunk by chunk with torch.cdist on the features' device: no N x M matrix."""
+    real = torch.as_tensor(real_features)
+    fake = torch.as_tensor(fake_features).to(real.device, real.dtype)
+    k = max(1, min(k, len(real) - 1, len(fake) - 1))  # a set of n points has n - 1 neighbours
+    r_real, r_fake = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)
+    precise, dense = 0, 0
+    recalled = torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    nearest = torch.full((len(real),), float("inf"), device=real.device)
+    for c, r in zip(fake.split(chunk), r_fake.split(chunk)):
+        d = torch.cdist(c, real)  # (chunk, N): these fakes against every real
+        inside = d < r_real  # fake j inside real i's ball
+        precise += int(inside.any(1).sum())
+        dense += int(inside.sum())
+        recalled |= (d < r[:, None]).any(0)  # real i inside fake j's ball
+        nearest = torch.minimum(nearest, d.min(0).values)
+    m, n = len(fake), len(real)
+    return {
+        "precision": precise / m,
+        "recall": int(recalled.sum()) / n,
+        "density": dense / (k * m),
+        "coverage": int((nearest < r_real).sum()) / n,
+    }
+
+
+def knn_radii(x, k, chunk=1024):
+    """Each row's distance to its k-th nearest neighbour among the rows (itself left out)."""
+    return torch.cat([torch.cdist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(chunk)])
+
+
 def gaussian(f):
     """Mean and covariance of features f (n, d); one sample has zero covariance (np.cov: NaN)."""
     d = f.shape[1]
@@ -824,8 +917,10 @@ class TranslationEvaluator:
     domain classifier trained on the training split (cached in out_dir, keyed by the data):
     acc_ref, acc_lat (the share classified as the target domain); fd_<domain>, fd_mean (the
     latent-guided translations into a domain against all its real latents); div (mean pairwise L1
-    of n_div styles per source, in latent space); cyc_err (L1 of the latent-guided round trip).
-    `reference` holds clf_acc and fd_real (the held-out real latents against the same)."""
+    of n_div styles per source, in latent space); cyc_err (L1 of the latent-guided round trip);
+    precision_<domain>, recall_, density_, coverage_ and their means (prdc, against the domain's
+    training latents). `reference` holds clf_acc and the held-out real latents' figures in their
+    place: fd_real, div_real, precision_real, recall_real, density_real, coverage_real."""
 
     def __init__(self, cfg, meta, latents, labels, train_idx, val_idx, ctx):
         self.cfg, self.meta, self.latents, self.labels, self.ctx = cfg, meta, latents, labels, ctx
@@ -866,6 +961,15 @@ class TranslationEvaluator:
         div_real = [mean_pairwise_l1(x_val[y_v == d]) for d in range(K)]  # div's measure, real data
         self.reference = {"clf_acc": acc, "fd_real": float(np.mean(fd_real))}
         self.reference["div_real"] = float(np.mean(div_real))
+        # precision, recall, density, coverage: against each domain's training latents (the
+        # held-out ones are not among them, so the real-data reference is fair)
+        f_t, y_t = f_all[self.train_idx.cpu().numpy()], labels[self.train_idx].cpu().numpy()
+        self.train_feats = [torch.from_numpy(f_t[y_t == d]).float().to(device) for d in range(K)]
+        real = [
+            prdc(self.train_feats[d], torch.from_numpy(f_val[y_val == d]).float()) for d in range(K)
+        ]
+        for m in PRDC:
+            self.reference[f"{m}_real"] = float(np.mean([r[m] for r in real]))
 
     @torch.no_grad()
     def __call__(self, G, E, F_, epoch):
@@ -912,15 +1016,73 @@ class TranslationEvaluator:
         for k, d in enumerate(self.domains):
             out[f"fd_{d}"] = frechet_distance(*gaussian(f_lat[t == k]), *self.real[k])
         out["fd_mean"] = float(np.mean([out[f"fd_{d}"] for d in self.domains]))
+        per = {}  # as many translations into a domain as it has held-out latents: the reference's
+        for k, d in enumerate(self.domains):
+            n = int((self.labels[val_idx] == k).sum())
+            per[d] = prdc(self.train_feats[k], torch.from_numpy(f_lat[t == k][:n]).float())
+        for m in PRDC:  # each target domain's, and their mean
+            out.update({f"{m}_{d}": per[d][m] for d in self.domains})
+            out[m] = float(np.mean([per[d][m] for d in self.domains]))
         out["div"] = float(torch.cat(div).mean())
         out["cyc_err"] = float((rec - x_s).abs().mean())
         ref = self.reference
         print(
             f"eval epoch {epoch}: acc_ref {out['acc_ref']:.3f} acc_lat {out['acc_lat']:.3f} "
             f"fd_mean {out['fd_mean']:.3f} (real latents {ref['fd_real']:.3f}) div "
-            f"{out['div']:.4f} (real latents {ref['div_real']:.4f}) cyc_err {out['cyc_err']:.4f}"
+            f"{out['div']:.4f} (real latents {ref['div_real']:.4f}) cyc_err {out['cyc_err']:.4f} "
+            f"coverage {out['coverage']:.3f} (real latents {ref['coverage_real']:.3f})"
         )
         return out
+
+
+# -----------------------------------------------------------------------------
+# torchrun: N processes compute what one computes at the same global batch. Every rank draws the
+# same global random numbers and works on its own slice; gradients and logged values are averaged.
+
+
+def init_distributed(device, backend=None):
+    """(rank, world size, device) of this process. Under torchrun (RANK in the environment) it
+    joins the process group: NCCL and one GPU per local rank on CUDA, else gloo (or backend);
+    without torchrun, (0, 1, device) and nothing changes."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def batch_mean(x):
+    """x, the mean of something over this rank's slice of the batch, as its mean over the whole
+    batch (the slices are equal): the value is averaged over the ranks, the gradient stays this
+    rank's (average_gradients averages it after backward). Without torchrun, x."""
+    if not torch.distributed.is_initialized():
+        return x
+    mean = x.detach().clone()
+    torch.distributed.all_reduce(mean, op=torch.distributed.ReduceOp.AVG)
+    return x + (mean - x.detach())
+
+
+def average_gradients(params):
+    """Under torchrun, every gradient becomes its mean over the ranks, by one all-reduce of them
+    all flattened (StyleGAN2-ADA's and R3GAN's way): the ranks' optimizers then step alike."""
+    if not torch.distributed.is_initialized():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.AVG)
+    for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(f.view_as(g))
+
+
+def any_rank(flag, device):
+    """Whether flag is set on any rank (a collective: every rank asks at the same step)."""
+    if not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 # -----------------------------------------------------------------------------
@@ -965,6 +1127,41 @@ class Meter:
         sums, n = self.recent[:-1], int(self.recent[-1])
         self.recent = np.zeros(len(self.keys) + 1)
         return sums, n
+
+
+def duration(seconds):
+    """A time span in the units a person reads: 1h02m, 3m05s, 12s."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def evals_left(epoch, last_epoch, interval):
+    """How many evaluations the run still makes: every interval-th epoch from this one, and the
+    last."""
+    if not interval:
+        return 0
+    return len({e for e in range(epoch, last_epoch + 1) if e % interval == 0} | {last_epoch})
+
+
+def eta(steps_left, step_seconds, evals, eval_seconds):
+    """The time the run still needs: its steps at the recent pace, and apart from them its
+    evaluations at the last one's (before the first, not known yet)."""
+    text = f"eta {duration(steps_left * step_seconds)}"
+    if evals:
+        took = f"~{duration(evals * eval_seconds)}" if eval_seconds is not None else "not timed yet"
+        text += f" + {evals} evaluation{'s' * (evals > 1)} ({took})"
+    return text
+
+
+def run_length(steps, interval_seconds, n, first):
+    """On the first progress line: how many steps the run takes, and about how long."""
+    return (
+        f" | this run: {steps} steps, about {duration(steps * interval_seconds / n)}"
+        if first
+        else ""
+    )
 
 
 def nan_message(bad, epoch, ckpt_path, saved_step, hint):
@@ -1200,10 +1397,11 @@ def main(argv=None):
     cfg, ckpt = parse_config(argv)
     if cfg["translate"]:
         return translate(cfg, ckpt)
-    B = cfg["batch_size"]
+    B = cfg["batch_size"]  # the global batch; this rank computes its slice `mine`
     # various inits, derived attributes, I/O setup
-    device = torch.device(cfg["device"])
-    torch.manual_seed(cfg["seed"])
+    rank, world, device = init_distributed(torch.device(cfg["device"]))
+    mine, main_rank = slice(rank * B // world, (rank + 1) * B // world), rank == 0
+    torch.manual_seed(cfg["seed"])  # the same on every rank: the same global draws
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions on Ampere+
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -1221,7 +1419,7 @@ def main(argv=None):
     except ValueError as e:
         die(str(e))
     factor = float(meta.get("scaling_factor", cfg["latent_scale"]))
-    if abs(cfg["latent_scale"] - factor) > 1e-6:
+    if abs(cfg["latent_scale"] - factor) > 1e-6 and main_rank:
         print(
             f"warning: --latent_scale {cfg['latent_scale']} differs from the scaling_factor "
             f"{factor} of the VAE that made {cfg['data']}",
@@ -1248,7 +1446,7 @@ def main(argv=None):
     D = Discriminator(C, H, K, cfg["d_dim"]).to(device)
     nets = [G, E, Fm]
     emas = [copy.deepcopy(m).eval() for m in nets]
-    gef_params = [p for m in nets for p in m.parameters()]
+    gef_params, d_params = [p for m in nets for p in m.parameters()], list(D.parameters())
     ema_pairs = [(list(m_ema.parameters()), list(m.parameters())) for m, m_ema in zip(nets, emas)]
 
     # optimizers: one fused Adam for G, E and F (F at its own lr), one for D
@@ -1277,7 +1475,8 @@ def main(argv=None):
                 group.update(lr=lr, betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"])
         step, epoch, sums, elapsed = ckpt["step"], ckpt["epoch"], ckpt["sums"], ckpt["elapsed"]
         records = load_records(log_path, step)
-        print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
+        if main_rank:
+            print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
     log = {"script": SCRIPT, "config": cfg, "records": records}
     total_steps = cfg["epochs"] * steps_per_epoch
     if cfg["max_iters"]:
@@ -1290,13 +1489,13 @@ def main(argv=None):
 
     # samples: decoded through the VAE the latents file names, if it loads; evaluation; the meter
     vae, note = None, None
-    if cfg["decode"] and meta.get("vae"):
+    if cfg["decode"] and meta.get("vae") and main_rank:
         try:
             vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             vae = load_vae(meta["vae"], meta.get("subfolder"), device, vae_dtype)
         except ValueError as e:
             note = str(e).split(" Offline?")[0] + "; "
-    if vae is None:
+    if vae is None and main_rank:
         print(
             f"samples: {note or ''}saving each latent's 4 channels as a 2x2 grayscale mosaic "
             "instead of decoded images"
@@ -1308,13 +1507,15 @@ def main(argv=None):
     ctrl_c = CtrlC()
     zero = torch.zeros((), device=device)
 
-    print(
-        f"{', '.join(domains)}: {n_train} training and {len(val_idx)} held-out latents "
-        f"{C}x{H}x{W}, {steps_per_epoch} steps/epoch, {total_steps} steps, device {device} "
-        f"{cfg['dtype']}{' compiled' * cfg['compile']}"
-    )
+    if main_rank:
+        print(
+            f"{', '.join(domains)}: {n_train} training and {len(val_idx)} held-out latents "
+            f"{C}x{H}x{W}, {steps_per_epoch} steps/epoch, {total_steps} steps, device {device} "
+            f"{cfg['dtype']}{' compiled' * cfg['compile']}"
+        )
     saved_step = step if ckpt is not None else None
     start_step, bench_start = step, step + WARMUP_STEPS
+    last_epoch, eval_seconds, start = math.ceil(total_steps / steps_per_epoch), None, True
     t_start = time.perf_counter()
     t_interval = t_epoch = t_start  # start of the progress interval, and of the epoch's timed part
     bench_t0, paused = None, 0.0  # the final throughput: from bench_start, less checkpoint time
@@ -1323,12 +1524,20 @@ def main(argv=None):
         # one training step (seed 001)
         lam = lambda_ds(epoch, cfg["w_ds"], cfg["ds_decay_epochs"])
         idx = train_sorted[torch.randint(n_train, (B,), device=device)]
-        content, y_src = latents[idx], labels[idx]
+        y_src = labels[idx]
         y_trg = (y_src + torch.randint(1, K, (B,), device=device)) % K  # uniform over the others
         n_trg = dom_count[y_trg]
         pick = (torch.rand(B, device=device) * n_trg).long().clamp_max(n_trg - 1)
-        x_ref = latents[train_sorted[dom_start[y_trg] + pick]]  # a reference of the target domain
+        ref = train_sorted[dom_start[y_trg] + pick]  # a reference of the target domain
         z_trg, z_2 = torch.randn(2, B, cfg["latent_dim"], device=device)
+        # the global batch is drawn alike on every rank; this rank computes its slice
+        content, y_src, y_trg, x_ref = (
+            latents[idx[mine]],
+            y_src[mine],
+            y_trg[mine],
+            latents[ref[mine]],
+        )
+        z_trg, z_2 = z_trg[mine], z_2[mine]
         # styles and fakes, once, before D's update. Calls are batched along dim 0: G, E and D have
         # no batch-dependent layer (instance norm is per sample), so this computes what separate
         # calls compute. (D's spectral norm then takes one power-iteration step per batched call.)
@@ -1343,9 +1552,17 @@ def main(argv=None):
         with ctx:
             d_in = torch.cat([x_ref, fake_ref.detach(), fake_lat.detach()])
             real_logits, fr_logits, fl_logits = D_c(d_in, y_trg.repeat(3)).float().chunk(3)
-        d_loss = 0.5 * (d_hinge_loss(real_logits, fr_logits) + d_hinge_loss(real_logits, fl_logits))
-        r1 = zero
-        if step % cfg["r1_interval"] == 0 and cfg["w_r1"] > 0:
+        kind = cfg["adv_loss"]
+        d_loss = 0.5 * (
+            d_adv_loss(kind, real_logits, fr_logits) + d_adv_loss(kind, real_logits, fl_logits)
+        )
+        r1 = r2 = zero
+        if step % cfg["r1_interval"] == 0 and cfg["w_r2"] > 0:  # R1 and R2: one double backward
+            fakes = torch.cat([fake_ref, fake_lat]).detach().float()
+            with torch.autocast(device_type=device.type, enabled=False):
+                r1, r2 = r1_r2_penalty(lambda x: D(x, y_trg.repeat(3)), x_ref.float(), fakes)
+            d_loss = d_loss + cfg["r1_interval"] * (cfg["w_r1"] * r1 + cfg["w_r2"] * r2)
+        elif step % cfg["r1_interval"] == 0 and cfg["w_r1"] > 0:
             x_ref_r1 = x_ref.detach().requires_grad_(True)
             # seed 001: autocast off, float32; the raw D: a compiled graph has no double backward
             with torch.autocast(device_type=device.type, enabled=False):
@@ -1353,14 +1570,20 @@ def main(argv=None):
             d_loss = d_loss + (cfg["w_r1"] * cfg["r1_interval"]) * r1
         opt_D.zero_grad(set_to_none=True)
         scaler_D.scale(d_loss).backward()
+        average_gradients(d_params)  # under torchrun: the mean over the ranks, R1's included
         scaler_D.step(opt_D)
         scaler_D.update()
 
         # G step: G, E and F together, against the updated D
         with ctx:
             y2 = y_trg.repeat(2)
-            adv_ref, adv_lat = D_c(torch.cat([fake_ref, fake_lat]), y2).float().chunk(2)
-            g_adv = g_adversarial_loss(adv_ref) + g_adversarial_loss(adv_lat)
+            if kind == "rpgan":  # each fake against the real reference of its row: its logit too
+                d_in = torch.cat([fake_ref, fake_lat, x_ref])
+                adv_ref, adv_lat, real_g = D_c(d_in, y_trg.repeat(3)).float().chunk(3)
+            else:
+                adv_ref, adv_lat = D_c(torch.cat([fake_ref, fake_lat]), y2).float().chunk(2)
+                real_g = None
+            g_adv = g_adv_loss(kind, adv_ref, real_g) + g_adv_loss(kind, adv_lat, real_g)
             s_ref_hat, s_lat_hat = E_c(torch.cat([fake_ref, fake_lat]), y2).float().chunk(2)
             sty = style_reconstruction_loss(s_ref_hat, s_ref.float())
             sty = sty + style_reconstruction_loss(s_lat_hat, s_lat.float())
@@ -1379,6 +1602,7 @@ def main(argv=None):
         g_loss = g_loss + cfg["w_id"] * idl - lam * ds
         opt_G.zero_grad(set_to_none=True)
         scaler_G.scale(g_loss).backward(inputs=gef_params)  # G's, E's, F's grads: D's not needed
+        average_gradients(gef_params)
         scaler_G.step(opt_G)
         scaler_G.update()
         if cfg["ema"] > 0:  # with a warm-up: early on the EMA follows the networks closely
@@ -1387,57 +1611,69 @@ def main(argv=None):
                 for p_ema, p in ema_pairs:
                     torch._foreach_lerp_(p_ema, p, 1 - beta)
         d_fake = torch.cat([fr_logits, fl_logits]).mean()
-        values = [d_loss, g_loss, g_adv, sty, ds, cyc, idl, r1, real_logits.mean(), d_fake]
+        values = [d_loss, g_loss, g_adv, sty, ds, cyc, idl, r1, r2, real_logits.mean(), d_fake]
         meter.push(step, [v.detach() for v in values])
         step += 1
 
         # -------------------------------------------------------------------------------------
         # read the meter back (a sync) only where it is needed: progress, epoch end, the timing
         end_of_epoch = step % steps_per_epoch == 0
-        last_step = step == total_steps or ctrl_c.pressed
-        if step % cfg["log_interval"] == 0 or end_of_epoch or last_step or step == bench_start:
+        sync = step % cfg["log_interval"] == 0 or end_of_epoch or step in (total_steps, bench_start)
+        # Ctrl-C: at once in one process; under torchrun, where the ranks meet, so all stop alike
+        stop = ctrl_c.pressed if world == 1 else sync and any_rank(ctrl_c.pressed, device)
+        last_step = step == total_steps or stop
+        if sync or last_step:
             bad = meter.flush()
             if bad:
                 die(nan_message(bad, epoch, ckpt_path, saved_step, "lower --lr or raise --w_r1"))
         if step == bench_start:  # the clock starts after the warm-up's work is done
             bench_t0, paused = time.perf_counter(), 0.0
-        if step % cfg["log_interval"] == 0:
+        if step % cfg["log_interval"] == 0 and main_rank:
             now = time.perf_counter()
             s, n = meter.take_recent()
             means = " ".join(f"{k} {v:.4f}" for k, v in zip(LOG_KEYS, s / max(n, 1)))
+            left = evals_left(epoch, last_epoch, cfg["eval_interval"])
+            time_left = eta(total_steps - step, (now - t_interval) / n, left, eval_seconds)
             print(
                 f"epoch {epoch}/{cfg['epochs']} step {step}/{total_steps} | {means} | lambda_ds "
-                f"{lam:.3f} | {n * B / (now - t_interval):.0f} img/s",
+                f"{lam:.3f} | {n * B / (now - t_interval):.0f} img/s | {time_left}"
+                f"{run_length(total_steps - start_step, now - t_interval, n, start)}",
                 flush=True,
             )
-            t_interval = now
+        if step % cfg["log_interval"] == 0:
+            t_interval, start = time.perf_counter(), False
         if end_of_epoch or last_step:  # the epoch's record, evaluation, samples, the checkpoint
             t0 = time.perf_counter()
-            epoch_start = (epoch - 1) * steps_per_epoch
-            record = {"epoch": epoch, "step": step}
-            record.update({k: v / (step - epoch_start) for k, v in zip(LOG_KEYS, meter.sums)})
-            record["lambda_ds"] = lam
-            imgs = (step - max(epoch_start, start_step)) * B
-            record["imgs_per_sec"] = imgs / max(t0 - t_epoch, 1e-9)
-            record["time"] = elapsed + t0 - t_start
-            if not end_of_epoch:
-                record["partial"] = True  # the epoch goes on after a resume, which replaces this
-            at_eval = end_of_epoch and epoch % max(cfg["eval_interval"], 1) == 0
-            evaluation_mode(shown, True)
-            if cfg["eval_interval"] and (step == total_steps or at_eval):
-                record.update(evaluator(*shown, epoch))  # evaluation figures join their record
-                if not any("clf_acc" in r for r in log["records"]):
-                    record.update(evaluator.reference)  # what real data reads: once per log
-            log["records"].append(record)
-            save_json_atomic(log, log_path)
-            tag = f"epoch{epoch:03d}" if end_of_epoch else f"step{step:06d}"
-            grids.save(*shown, ctx, os.path.join(samples_dir, f"{tag}.png"))
-            evaluation_mode(nets, False)
+            if main_rank:  # rank 0 alone writes files and evaluates; the others wait for it
+                epoch_start = (epoch - 1) * steps_per_epoch
+                record = {"epoch": epoch, "step": step, "lambda_ds": lam}
+                record.update({k: v / (step - epoch_start) for k, v in zip(LOG_KEYS, meter.sums)})
+                imgs = (step - max(epoch_start, start_step)) * B
+                record["imgs_per_sec"] = imgs / max(t0 - t_epoch, 1e-9)
+                record["time"] = elapsed + t0 - t_start
+                if not end_of_epoch:
+                    record["partial"] = True  # the epoch goes on after a resume, which replaces it
+                at_eval = end_of_epoch and epoch % max(cfg["eval_interval"], 1) == 0
+                evaluation_mode(shown, True)
+                if cfg["eval_interval"] and (step == total_steps or at_eval):
+                    t_eval = time.perf_counter()
+                    record.update(evaluator(*shown, epoch))  # evaluation figures join the record
+                    eval_seconds = time.perf_counter() - t_eval
+                    if not any("clf_acc" in r for r in log["records"]):
+                        record.update(evaluator.reference)  # what real data reads: once per log
+                log["records"].append(record)
+                save_json_atomic(log, log_path)
+                tag = f"epoch{epoch:03d}" if end_of_epoch else f"step{step:06d}"
+                grids.save(*shown, ctx, os.path.join(samples_dir, f"{tag}.png"))
+                evaluation_mode(nets, False)
             if end_of_epoch:
                 epoch, meter.sums = epoch + 1, None
-            run = dict(step=step, epoch=epoch, elapsed=elapsed + time.perf_counter() - t_start)
-            run.update(sums=meter.sums, data_meta=data_meta)
-            save_torch_atomic(checkpoint(cfg, run, modules, device), ckpt_path)
+            if main_rank:
+                run = dict(step=step, epoch=epoch, elapsed=elapsed + time.perf_counter() - t_start)
+                run.update(sums=meter.sums, data_meta=data_meta)
+                save_torch_atomic(checkpoint(cfg, run, modules, device), ckpt_path)
+            if world > 1:
+                torch.distributed.barrier()
             saved_step = step
             t1 = time.perf_counter()
             paused, t_interval, t_epoch = paused + t1 - t0, t_interval + t1 - t0, t1
@@ -1449,7 +1685,11 @@ def main(argv=None):
         torch.cuda.synchronize()
     if bench_t0 is not None:
         rate = (step - bench_start) * B / (time.perf_counter() - bench_t0 - paused)
-    if ctrl_c.pressed:
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if not main_rank:
+        return
+    if step < total_steps:
         print(
             f"interrupted at step {step}: checkpoint saved to {ckpt_path}; continue with --resume "
             f"--out_dir {out_dir}"

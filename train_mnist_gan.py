@@ -40,15 +40,18 @@ import torch.nn.functional as F
 
 SCRIPT = "train_mnist_gan.py"
 WARMUP_STEPS = 10  # steps left out of the final throughput (torch.compile compiles in the first)
-LOSSES = ("bce", "minimax", "wgan", "wgan-gp", "hinge", "lsgan")
+LOSSES = ("bce", "minimax", "wgan", "wgan-gp", "hinge", "lsgan", "rpgan")
 # fmt: off
-LOSS_DEFAULTS = {  # per loss: seed 004, the loss's paper (Algorithm 1 for WGAN and WGAN-GP), SAGAN
+LOSS_DEFAULTS = {  # per loss: seed 004, the loss's paper (Algorithm 1 for WGAN and WGAN-GP), SAGAN,
+    # R3GAN (rpgan, with its R1 + R2: r1 = r2 = gamma, measured on Fashion-MNIST, README)
     "bce":     dict(optimizer="adam", lr=2e-4, lr_d=2e-4, b1=0.5, b2=0.999, n_critic=1),
     "minimax": dict(optimizer="adam", lr=2e-4, lr_d=2e-4, b1=0.5, b2=0.999, n_critic=1),
     "wgan":    dict(optimizer="rmsprop", lr=5e-5, lr_d=5e-5, b1=0.0, b2=0.0, n_critic=5),
     "wgan-gp": dict(optimizer="adam", lr=1e-4, lr_d=1e-4, b1=0.0, b2=0.9, n_critic=5),
     "hinge":   dict(optimizer="adam", lr=1e-4, lr_d=4e-4, b1=0.0, b2=0.9, n_critic=1),  # TTUR
     "lsgan":   dict(optimizer="adam", lr=2e-4, lr_d=2e-4, b1=0.5, b2=0.999, n_critic=1),
+    "rpgan":   dict(optimizer="adam", lr=2e-4, lr_d=2e-4, b1=0.0, b2=0.99, n_critic=1, r1=10,
+                    r2=10),
 }
 # fmt: on
 FIXED = ("dataset", "latent_dim", "loss", "batch_size")  # a resumed run cannot change these
@@ -59,13 +62,15 @@ SYSTEM = ("device", "dtype", "compile")  # this machine's, never taken from a ch
 
 
 def build_parser():
-    table = "; ".join(
-        f"{k}: {v['optimizer']} lr {v['lr']:g}"
-        + (f"/{v['lr_d']:g} (G/D)" if v["lr_d"] != v["lr"] else "")
-        + (f" betas ({v['b1']:g}, {v['b2']:g})" if v["optimizer"] == "adam" else "")
-        + f" n_critic {v['n_critic']}"
-        for k, v in LOSS_DEFAULTS.items()
-    )
+    table = []
+    for k, v in LOSS_DEFAULTS.items():
+        text = f"{k}: {v['optimizer']} lr {v['lr']:g}"
+        text += f"/{v['lr_d']:g} (G/D)" if v["lr_d"] != v["lr"] else ""
+        text += f" betas ({v['b1']:g}, {v['b2']:g})" if v["optimizer"] == "adam" else ""
+        text += f" n_critic {v['n_critic']}"
+        text += f" r1 {v['r1']:g} r2 {v['r2']:g}" if "r1" in v else ""
+        table.append(text)
+    table = "; ".join(table)
     p = ArgParser(
         description=__doc__.split("\n\n")[0].strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -86,8 +91,13 @@ def build_parser():
                    help="wgan: D's weights are clipped to +-clip_value (WGAN paper: 0.01)")
     p.add_argument("--lambda_gp", type=nonneg_float, default=10.0,
                    help="wgan-gp: weight of the gradient penalty (WGAN-GP paper: 10)")
-    p.add_argument("--r1", type=nonneg_float, default=0.0, metavar="GAMMA",
-                   help="add (GAMMA/2) * R1 on real data to D's loss (default 0: off)")
+    p.add_argument("--r1", type=nonneg_float, default=None, metavar="GAMMA",
+                   help="add (GAMMA/2) * R1 on real data to D's loss (default 0, rpgan's: 10)")
+    p.add_argument("--r2", type=nonneg_float, default=None, metavar="GAMMA",
+                   help="add (GAMMA/2) * R2, R1 on the fakes, to D's loss (default 0, rpgan's: 10)")
+    p.add_argument("--gamma_end", type=nonneg_float, default=None,
+                   help="decay --r1's and --r2's GAMMA to this over the run on a cosine, as R3GAN "
+                        "does (default: constant)")
     p.add_argument("--n_critic", type=positive_int, default=None,
                    help="D steps per G step (default per loss: 1, or 5 for wgan and wgan-gp)")
     # optimization
@@ -134,11 +144,16 @@ def build_parser():
 def parse_config(argv=None):
     """The run's config, every flag's value (the log records it), and the checkpoint to resume."""
     cfg, typed = parse_flags(build_parser(), argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        die(
+            "it runs in one process only (seed 004's whole schedule fits one GPU): start it "
+            "with python, not torchrun"
+        )
     ckpt = load_checkpoint(cfg["out_dir"]) if cfg["resume"] else None
     if ckpt is not None:  # the flags not typed take the checkpoint's values
         kept = {k: v for k, v in ckpt["config"].items() if k not in SYSTEM}
         cfg = {**cfg, **kept, **{k: cfg[k] for k in typed}}
-    defaults = LOSS_DEFAULTS[cfg["loss"]]
+    defaults = {"r1": 0.0, "r2": 0.0, **LOSS_DEFAULTS[cfg["loss"]]}
     for k, v in defaults.items():
         if cfg.get(k) is None:
             cfg[k] = v
@@ -147,12 +162,14 @@ def parse_config(argv=None):
     cfg["data_dir"] = cfg["data_dir"] or os.path.join("data", cfg["dataset"])
     if ckpt is not None:
         check_resume(cfg, ckpt, FIXED, SYSTEM)
-        old = ckpt["config"]["r1"]
-        if ckpt["sums"] is not None and (cfg["r1"] > 0) != (old > 0):  # the epoch's keys
-            die(
-                f"--resume: --r1 {cfg['r1']:g} turns R1 {'on' if cfg['r1'] else 'off'} inside an "
-                f"epoch that the checkpoint began with --r1 {old:g}; finish that epoch first"
-            )
+        for k in ("r1", "r2"):  # a penalty turned on or off changes what the epoch's sums hold
+            old = ckpt["config"].get(k) or 0.0
+            if ckpt["sums"] is not None and (cfg[k] > 0) != (old > 0):
+                die(
+                    f"--resume: --{k} {cfg[k]:g} turns {k.upper()} {'on' if cfg[k] else 'off'} "
+                    f"inside an epoch that the checkpoint began with --{k} {old:g}; finish that "
+                    "epoch first"
+                )
     if cfg["batch_size"] < 2:
         die("--batch_size must be at least 2 (the generator's BatchNorm needs 2 samples)")
     return cfg | system_config(cfg), ckpt
@@ -169,9 +186,11 @@ class ArgParser(argparse.ArgumentParser):
         die(message)
 
 
-def die(msg):
-    """A user mistake: one line on stderr and exit status 2, no traceback."""
-    print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
+def die(msg, every_rank=False):
+    """A user mistake: one line on stderr and exit status 2, no traceback. Under torchrun every
+    rank finds the same mistake and rank 0 says it, unless it is one rank's own (every_rank)."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print(f"{SCRIPT}: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -447,7 +466,8 @@ class MLPDiscriminator(nn.Module):
 
 
 def d_loss_fn(loss, real_logits, fake_logits):
-    """The discriminator's (critic's) loss, to be minimised."""
+    """The discriminator's (critic's) loss, to be minimised. rpgan pairs the i-th real with the
+    i-th fake: the batches are of one size."""
     if loss in ("bce", "minimax"):  # seed 004: (BCE(D(x), 1) + BCE(D(G(z)), 0)) / 2
         return (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()) / 2
     if loss in ("wgan", "wgan-gp"):  # the critic maximises E[D(x)] - E[D(G(z))]: minimise minus it
@@ -456,11 +476,13 @@ def d_loss_fn(loss, real_logits, fake_logits):
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
     if loss == "lsgan":  # a=0 (fake), b=1 (real)
         return 0.5 * (real_logits - 1).pow(2).mean() + 0.5 * fake_logits.pow(2).mean()
+    if loss == "rpgan":  # Huang et al. 2024 (R3GAN): E[f(D(G(z)) - D(x))], f = softplus, per pair
+        return F.softplus(fake_logits - real_logits).mean()
     raise ValueError(f"unknown loss {loss!r}")
 
 
-def g_loss_fn(loss, fake_logits):
-    """The generator's loss, to be minimised."""
+def g_loss_fn(loss, fake_logits, real_logits=None):
+    """The generator's loss, to be minimised. Only rpgan reads the real logits (per pair)."""
     if loss == "bce":  # non-saturating: BCE(D(G(z)), 1) = -E[log D(G(z))]
         return F.softplus(-fake_logits).mean()
     if loss == "minimax":  # E[log(1 - D(G(z)))]: its gradient vanishes while D rejects the fakes
@@ -469,6 +491,10 @@ def g_loss_fn(loss, fake_logits):
         return -fake_logits.mean()
     if loss == "lsgan":  # c=1
         return 0.5 * (fake_logits - 1).pow(2).mean()
+    if loss == "rpgan":  # E[f(D(x) - D(G(z)))]: G moves its fakes above their paired reals
+        if real_logits is None:
+            raise ValueError("rpgan's generator loss needs the real logits")
+        return F.softplus(real_logits - fake_logits).mean()
     raise ValueError(f"unknown loss {loss!r}")
 
 
@@ -491,10 +517,28 @@ def r1_penalty(real_logits, real):
     return grad.pow(2).flatten(1).sum(1).mean()
 
 
+def r1_r2_penalty(logits_of, real, fake):
+    """R1 on real and R2 on the (detached) fakes, each seed 001's mean over its samples of
+    sum(grad^2), from one double backward through D over both together: D has no
+    batch-dependent layer, so one call computes what two compute. logits_of: x -> D's logits."""
+    x = torch.cat([real, fake]).detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(logits_of(x).sum(), x, create_graph=True)
+    per_sample = grad.pow(2).flatten(1).sum(1)
+    return per_sample[: len(real)].mean(), per_sample[len(real) :].mean()
+
+
+def gamma_at(start, end, step, total):
+    """R3GAN's schedule: the penalties' gamma from start to end over the run on a cosine; start
+    throughout when end is None."""
+    if end is None:
+        return start
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+
+
 def log_keys(cfg):
     """The per-step values a record holds, in the order the step computes them."""
-    keys = ["d_loss", "g_loss", "d_real", "d_fake"]
-    return keys + ["gp"] * (cfg["loss"] == "wgan-gp") + ["r1"] * (cfg["r1"] > 0)
+    keys = ["d_loss", "g_loss", "d_real", "d_fake"] + ["gp"] * (cfg["loss"] == "wgan-gp")
+    return keys + ["r1"] * (cfg["r1"] > 0) + ["r2"] * (cfg["r2"] > 0)
 
 
 # -----------------------------------------------------------------------------
@@ -678,6 +722,41 @@ def embed(clf, x, batch_size=1000):
     return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 
+def prdc(real_features, fake_features, k=5, chunk=1024):
+    """Precision, recall, density and coverage (Naeem et al. 2020) of fake features against real
+    ones. r_k(a) is the distance from a to its k-th nearest neighbour in its own set. precision:
+    the share of fakes within r_k(x) of some real x; recall: the share of reals within r_k(y) of
+    some fake y; density: (1 / kM) times the number, summed over the M fakes, of reals x whose
+    r_k(x) holds the fake; coverage: the share of reals whose nearest fake is within their own
+    r_k. Computed chunk by chunk with torch.cdist on the features' device: no N x M matrix."""
+    real = torch.as_tensor(real_features)
+    fake = torch.as_tensor(fake_features).to(real.device, real.dtype)
+    k = max(1, min(k, len(real) - 1, len(fake) - 1))  # a set of n points has n - 1 neighbours
+    r_real, r_fake = knn_radii(real, k, chunk), knn_radii(fake, k, chunk)
+    precise, dense = 0, 0
+    recalled = torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    nearest = torch.full((len(real),), float("inf"), device=real.device)
+    for c, r in zip(fake.split(chunk), r_fake.split(chunk)):
+        d = torch.cdist(c, real)  # (chunk, N): these fakes against every real
+        inside = d < r_real  # fake j inside real i's ball
+        precise += int(inside.any(1).sum())
+        dense += int(inside.sum())
+        recalled |= (d < r[:, None]).any(0)  # real i inside fake j's ball
+        nearest = torch.minimum(nearest, d.min(0).values)
+    m, n = len(fake), len(real)
+    return {
+        "precision": precise / m,
+        "recall": int(recalled.sum()) / n,
+        "density": dense / (k * m),
+        "coverage": int((nearest < r_real).sum()) / n,
+    }
+
+
+def knn_radii(x, k, chunk=1024):
+    """Each row's distance to its k-th nearest neighbour among the rows (itself left out)."""
+    return torch.cat([torch.cdist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(chunk)])
+
+
 def gaussian(f):
     """Mean and covariance of features f (n, d); one sample has zero covariance (np.cov: NaN)."""
     d = f.shape[1]
@@ -733,15 +812,16 @@ class SampleEvaluator:
             "kid_real": kid(f_ref, self.f_test),
             "is_real": classifier_score(p_ref),
         }
+        self.f_test_t = torch.from_numpy(self.f_test).float().to(device)  # prdc's, on the device
+        real = prdc(self.f_test_t, torch.from_numpy(f_ref).float())
+        self.reference.update({f"{k}_real": v for k, v in real.items()})
 
     def __call__(self, G, epoch):
         """fd, kid, is, modes, kl_uniform of --eval_samples images of G from one fixed set of z."""
         if self.clf is None:
             self.setup()
         cfg, device = self.cfg, self.device
-        gen = torch.Generator(device=device).manual_seed(
-            cfg["seed"] + 2
-        )  # training's RNG untouched
+        gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 2)  # not training's RNG
         G.eval()
         with torch.no_grad(), self.ctx:
             chunks = torch.arange(cfg["eval_samples"]).split(1000)
@@ -760,11 +840,14 @@ class SampleEvaluator:
             "modes": int((hist >= cfg["mode_share"]).sum()),
             "kl_uniform": float((seen * np.log(seen * 10)).sum()),
         }
+        out.update(prdc(self.f_test_t, torch.from_numpy(f).float()))
         ref = self.reference
         print(
             f"eval epoch {epoch}: fd {out['fd']:.3f} (real data {ref['fd_real']:.3f}) kid "
             f"{out['kid']:.4f} is {out['is']:.2f} (real data {ref['is_real']:.2f}) modes "
-            f"{out['modes']}/10 kl_uniform {out['kl_uniform']:.3f}"
+            f"{out['modes']}/10 kl_uniform {out['kl_uniform']:.3f} precision "
+            f"{out['precision']:.3f} recall {out['recall']:.3f} density {out['density']:.3f} "
+            f"coverage {out['coverage']:.3f} (real data {ref['coverage_real']:.3f})"
         )
         return out
 
@@ -811,6 +894,41 @@ class Meter:
         sums, n = self.recent[:-1], int(self.recent[-1])
         self.recent = np.zeros(len(self.keys) + 1)
         return sums, n
+
+
+def duration(seconds):
+    """A time span in the units a person reads: 1h02m, 3m05s, 12s."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def evals_left(epoch, last_epoch, interval):
+    """How many evaluations the run still makes: every interval-th epoch from this one, and the
+    last."""
+    if not interval:
+        return 0
+    return len({e for e in range(epoch, last_epoch + 1) if e % interval == 0} | {last_epoch})
+
+
+def eta(steps_left, step_seconds, evals, eval_seconds):
+    """The time the run still needs: its steps at the recent pace, and apart from them its
+    evaluations at the last one's (before the first, not known yet)."""
+    text = f"eta {duration(steps_left * step_seconds)}"
+    if evals:
+        took = f"~{duration(evals * eval_seconds)}" if eval_seconds is not None else "not timed yet"
+        text += f" + {evals} evaluation{'s' * (evals > 1)} ({took})"
+    return text
+
+
+def run_length(steps, interval_seconds, n, first):
+    """On the first progress line: how many steps the run takes, and about how long."""
+    return (
+        f" | this run: {steps} steps, about {duration(steps * interval_seconds / n)}"
+        if first
+        else ""
+    )
 
 
 def nan_message(bad, epoch, ckpt_path, saved_step, hint):
@@ -933,6 +1051,7 @@ def main(argv=None):
         save_samples(G, z_fixed, ctx, sample_path.format(step))
     saved_step = step if ckpt is not None else None
     start_step, bench_start = step, step + WARMUP_STEPS
+    last_epoch, eval_seconds, start = math.ceil(total_steps / steps_per_epoch), None, True
     t_start = time.perf_counter()
     t_interval = t_epoch = t_start  # start of the progress interval, and of the epoch's timed part
     bench_t0, paused = None, 0.0  # the final throughput: from bench_start, less checkpoint time
@@ -949,7 +1068,11 @@ def main(argv=None):
         if g_step:
             with ctx:
                 fake = G_c(z)
-                g_loss = g_loss_fn(loss_name, D_c(fake).float())
+                if loss_name == "rpgan":  # its G loss pairs each fake with a real: both logits
+                    real_g, fake_g = D_c(torch.cat([real, fake.view(B, -1)])).float().chunk(2)
+                    g_loss = g_loss_fn(loss_name, fake_g, real_g)
+                else:
+                    g_loss = g_loss_fn(loss_name, D_c(fake).float())
             opt_G.zero_grad(set_to_none=True)
             scaler_G.scale(g_loss).backward(inputs=g_params)  # G's grads only: D's are not needed
             scaler_G.step(opt_G)
@@ -973,11 +1096,21 @@ def main(argv=None):
             gp = gradient_penalty(D, real, fake)
             d_loss = d_loss + cfg["lambda_gp"] * gp
             stats.append(gp)
-        if cfg["r1"] > 0:
+        gammas = [gamma_at(cfg[k], cfg["gamma_end"], step, total_steps) for k in ("r1", "r2")]
+        if cfg["r1"] > 0 and cfg["r2"] > 0:  # both in one double backward
+            r1, r2 = r1_r2_penalty(D, real, fake)
+            d_loss = d_loss + gammas[0] / 2 * r1 + gammas[1] / 2 * r2
+            stats += [r1, r2]
+        elif cfg["r1"] > 0:
             real_r1 = real.detach().requires_grad_(True)
             r1 = r1_penalty(D(real_r1), real_r1)
-            d_loss = d_loss + cfg["r1"] / 2 * r1
+            d_loss = d_loss + gammas[0] / 2 * r1
             stats.append(r1)
+        elif cfg["r2"] > 0:  # R2: the same penalty, on the fakes
+            fake_r2 = fake.detach().requires_grad_(True)
+            r2 = r1_penalty(D(fake_r2), fake_r2)
+            d_loss = d_loss + gammas[1] / 2 * r2
+            stats.append(r2)
         opt_D.zero_grad(set_to_none=True)
         scaler_D.scale(d_loss).backward()
         scaler_D.step(opt_D)
@@ -1007,12 +1140,15 @@ def main(argv=None):
             s, n = meter.take_recent()
             m, g_mean = s / max(n, 1), s[1] / max(s[-1], 1)  # g_loss: over the steps G stepped
             rest = " ".join(f"{k} {v:.4f}" for k, v in zip(keys[2:], m[2:-1]))
+            left = evals_left(epoch, last_epoch, cfg["eval_interval"])
+            time_left = eta(total_steps - step, (now - t_interval) / n, left, eval_seconds)
             print(
                 f"epoch {epoch}/{cfg['epochs']} step {step}/{total_steps} | d_loss {m[0]:.4f} "
-                f"g_loss {g_mean:.4f} {rest} | {n * B / (now - t_interval):.0f} img/s",
+                f"g_loss {g_mean:.4f} {rest} | {n * B / (now - t_interval):.0f} img/s | "
+                f"{time_left}{run_length(total_steps - start_step, now - t_interval, n, start)}",
                 flush=True,
             )
-            t_interval = now
+            t_interval, start = now, False
         if step % cfg["sample_interval"] == 0:
             save_samples(G, z_fixed, ctx, sample_path.format(step))
         if end_of_epoch or last_step:  # the epoch's record, the evaluation, the checkpoint
@@ -1029,7 +1165,9 @@ def main(argv=None):
                 record["partial"] = True  # the epoch goes on after a resume, which replaces this
             at_eval = end_of_epoch and epoch % max(cfg["eval_interval"], 1) == 0
             if cfg["eval_interval"] and (step == total_steps or at_eval):
+                t_eval = time.perf_counter()
                 record.update(evaluator(G, epoch))  # evaluation figures join their epoch's record
+                eval_seconds = time.perf_counter() - t_eval
                 if not any("fd_real" in r for r in log["records"]):
                     record.update(evaluator.reference)  # what real data reads: once per log
             log["records"].append(record)
