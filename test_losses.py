@@ -702,7 +702,9 @@ OWN = {
     "main",
     "build_parser",
     "parse_config",
-}  # every script's own entry points, by the house's names
+    "build_models",
+    "train_step",
+}  # every script's own entry points, models and training step, by the house's names
 
 
 def top_level_definitions(path):

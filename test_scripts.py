@@ -280,6 +280,27 @@ def test_mnist_gan_r1_and_n_critic(tiny_mnist, tmp_path):
     )
 
 
+def check_profile(p, out, steps, end):
+    """--profile: the line that says where a step's time went, the two files, and a throughput
+    that leaves the profiled steps out."""
+    assert f"profile: steps 10..{10 + steps}, " in p.stdout and "ms a step" in p.stdout, p.stdout
+    with open(os.path.join(out, "profile.txt")) as f:
+        table = f.read()
+    assert "Self CPU" in table and "aten::" in table, table[:500]
+    with open(os.path.join(out, "profile.json")) as f:
+        assert json.load(f)["traceEvents"]
+    assert f"(steps {10 + steps}..{end}, training loop only)" in p.stdout.splitlines()[-1]
+
+
+def test_mnist_gan_profile(tiny_mnist, tmp_path):
+    out = str(tmp_path / "p")
+    p = run("train_mnist_gan.py", *mnist_args(tiny_mnist, out, "--epochs", 1, "--profile", 3))
+    check_profile(p, out, 3, 16)
+    # a profile the run is too short for: said before any work, with what to change
+    p = call("train_mnist_gan.py", *mnist_args(tiny_mnist, out, "--max_iters", 12, "--profile", 3))
+    assert_one_line_error(p, "--profile 3", "at least 13 steps")
+
+
 def records_losses(log):
     return [
         [r[k] for k in ("epoch", "step", "d_loss", "g_loss", "d_real", "d_fake")]
@@ -1194,6 +1215,14 @@ def test_stargan_r1_is_zero_off_interval_and_id_when_unweighted(tiny_latents, tm
     # R1 runs at step 0 only (step % 100 == 0): epoch 1 averages one R1 value with 3 zeros
     assert recs[0]["r1"] > 0 and recs[1]["r1"] == 0.0
     assert all(r["id"] == 0.0 for r in recs)
+
+
+def test_stargan_profile(tiny_latents, tmp_path):
+    out = str(tmp_path / "p")
+    p = stargan(tiny_latents, out, "--epochs", 4, "--profile", 3, "--no-decode")
+    check_profile(p, out, 3, 16)
+    p = stargan_call(tiny_latents, out, "--epochs", 3, "--profile", 3)
+    assert_one_line_error(p, "--profile 3", "at least 13 steps")
 
 
 def test_stargan_resume_is_exact(tiny_latents, tmp_path):

@@ -36,7 +36,8 @@ real x_ref of its row) replace d_hinge and g_adv; --w_r2 adds R2, R1 on the fake
 Output in --out_dir: log.json (per-epoch means of d_loss g_loss g_adv sty ds cyc id r1 r2 d_real
 d_fake, with lambda_ds, imgs_per_sec and time, and the evaluation figures), samples/epochNNN.png
 (reference- and latent-guided translations, decoded through the VAE when it loads), ckpt.pt
-(everything --resume needs, on any number of processes).
+(everything --resume needs, on any number of processes). --profile N adds profile.txt and
+profile.json: where N steps' time went (torch.profiler).
 """
 
 import argparse
@@ -65,7 +66,8 @@ PRDC = ("precision", "recall", "density", "coverage")
 ARCH = ("style_dim", "latent_dim", "g_dim", "g_blocks", "g_down", "e_dim", "d_dim", "f_dim")
 # a resumed run cannot change these: the networks, the epoch bookkeeping, the held-out split
 FIXED = ARCH + ("f_shared", "batch_size", "epoch_size", "val_fraction", "adv_loss")
-SYSTEM = ("device", "dtype", "compile", "world_size")  # this machine's, not the checkpoint's
+# this machine's and this call's, not the checkpoint's
+SYSTEM = ("device", "dtype", "compile", "profile", "world_size")
 TRANSLATE = ("translate", "ref", "target", "n_styles", "result_dir", "vae", "resume")
 
 # -----------------------------------------------------------------------------
@@ -169,6 +171,8 @@ def build_parser():
                    help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile G, E, F and D (default: on for CUDA, off for CPU)")
+    p.add_argument("--profile", type=nonneg_int, default=0, metavar="N",
+                   help="profile N steps after the warm-up: out_dir/profile.txt and profile.json")
     # fmt: on
     return p
 
@@ -659,6 +663,24 @@ def load_vae(name, subfolder, device, dtype):
     return vae.to(device).eval().requires_grad_(False)
 
 
+def samples_vae(cfg, meta, device):
+    """The VAE the latents file names, to decode sample grids; None, said in one line, where it
+    cannot load (offline, say) or --no-decode: the grids then show latent mosaics."""
+    vae, note = None, ""
+    if cfg["decode"] and meta.get("vae"):
+        try:
+            vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            vae = load_vae(meta["vae"], meta.get("subfolder"), device, vae_dtype)
+        except ValueError as e:
+            note = str(e).split(" Offline?")[0] + "; "
+    if vae is None:
+        print(
+            f"samples: {note}saving each latent's 4 channels as a 2x2 grayscale mosaic "
+            "instead of decoded images"
+        )
+    return vae
+
+
 def latent_mosaic(lat, real):
     """(N, 4, h, w) latents -> (N, 1, 2h, 2w) grayscale: the 4 channels as a 2x2 mosaic, each
     channel's real mean +- 3 std (of the real latents `real`) -> [-1, 1], on the data's scale."""
@@ -774,6 +796,29 @@ def restore(ckpt, modules, device):
     torch.set_rng_state(ckpt["rng_cpu"])
     if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
         torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+
+
+def resume(cfg, ckpt, modules, device, verbose=True):
+    """Loads a checkpoint into modules, with the flags' learning rates, betas and weight decay
+    (not the saved ones). Returns where the run stands: step, epoch, the epoch's partial sums,
+    the time spent, and the log's records up to the checkpoint's step."""
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    try:
+        restore(ckpt, modules, device)
+    except ValueError as e:  # e.g. --data with another number of domains
+        die(
+            f"--resume: {ckpt_path} does not fit this run ({e}); resume with the data and "
+            "flags it was made with, or use a new --out_dir"
+        )
+    opt_G, opt_D = modules["opt_G"], modules["opt_D"]
+    for opt, lrs in ((opt_G, (cfg["lr"], cfg["f_lr"])), (opt_D, (cfg["lr"],))):
+        for group, lr in zip(opt.param_groups, lrs):
+            group.update(lr=lr, betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"])
+    step, epoch = ckpt["step"], ckpt["epoch"]
+    if verbose:
+        print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
+    records = load_records(os.path.join(cfg["out_dir"], "log.json"), step)
+    return step, epoch, ckpt["sums"], ckpt["elapsed"], records
 
 
 def load_records(log_path, step):
@@ -973,6 +1018,7 @@ class TranslationEvaluator:
 
     @torch.no_grad()
     def __call__(self, G, E, F_, epoch):
+        t0 = time.perf_counter()  # the first call's includes the classifier's set-up
         if self.clf is None:
             self.setup()
         cfg, latents, labels, ctx = self.cfg, self.latents, self.labels, self.ctx
@@ -1030,7 +1076,8 @@ class TranslationEvaluator:
             f"eval epoch {epoch}: acc_ref {out['acc_ref']:.3f} acc_lat {out['acc_lat']:.3f} "
             f"fd_mean {out['fd_mean']:.3f} (real latents {ref['fd_real']:.3f}) div "
             f"{out['div']:.4f} (real latents {ref['div_real']:.4f}) cyc_err {out['cyc_err']:.4f} "
-            f"coverage {out['coverage']:.3f} (real latents {ref['coverage_real']:.3f})"
+            f"coverage {out['coverage']:.3f} (real latents {ref['coverage_real']:.3f}) in "
+            f"{time.perf_counter() - t0:.1f}s"
         )
         return out
 
@@ -1083,6 +1130,123 @@ def any_rank(flag, device):
     t = torch.tensor([float(flag)], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+# -----------------------------------------------------------------------------
+# the networks and optimizers; the training step (seed 001): styles and fakes once, D's update,
+# then G's, E's and F's together
+
+
+def build_models(cfg, shape, n_domains, device, ptdtype=torch.float32):
+    """G, E, F and D for latents of shape (C, H, W), the EMA copies of G, E and F, one fused Adam
+    for G, E and F (F at its own lr) and one for D, and their GradScalers (on for float16 only):
+    the dict a checkpoint saves, keyed as it is."""
+    C, H, _ = shape
+    G = Generator(C, cfg["g_dim"], cfg["style_dim"], cfg["g_blocks"], cfg["g_down"]).to(device)
+    E = StyleEncoder(C, H, cfg["style_dim"], n_domains, cfg["e_dim"]).to(device)
+    Fm = MappingNetwork(
+        cfg["latent_dim"], cfg["style_dim"], n_domains, cfg["f_dim"], cfg["f_shared"]
+    ).to(device)
+    D = Discriminator(C, H, n_domains, cfg["d_dim"]).to(device)
+    adam = dict(betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"], fused=True)
+    groups = [{"params": list(G.parameters()) + list(E.parameters()), "lr": cfg["lr"]}]
+    groups.append({"params": list(Fm.parameters()), "lr": cfg["f_lr"]})
+    modules = dict(G=G, E=E, F=Fm, D=D)
+    modules.update(
+        {f"{k}_ema": copy.deepcopy(m).eval() for k, m in (("G", G), ("E", E), ("F", Fm))}
+    )
+    modules.update(opt_G=torch.optim.Adam(groups, **adam))
+    modules.update(opt_D=torch.optim.Adam(D.parameters(), lr=cfg["lr"], **adam))
+    for k in ("scaler_G", "scaler_D"):
+        modules[k] = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
+    return modules
+
+
+def train_step(cfg, nets, modules, batch, step, lam, ctx):
+    """One step on this rank's slice of the batch: (content, y_src, y_trg, x_ref, z_trg, z_2).
+    nets: the G, E, F and D the step calls (compiled with --compile); R1's and R2's double
+    backward goes through the raw D in modules (a compiled graph has none). Returns the tensors
+    LOG_KEYS names: nothing is read back (no sync)."""
+    G, E, Fm, D = nets
+    opt_G, opt_D = modules["opt_G"], modules["opt_D"]
+    scaler_G, scaler_D = modules["scaler_G"], modules["scaler_D"]
+    content, y_src, y_trg, x_ref, z_trg, z_2 = batch
+    zero, kind = content.new_zeros(()), cfg["adv_loss"]
+    # styles and fakes, once, before D's update. Calls are batched along dim 0: G, E and D have
+    # no batch-dependent layer (instance norm is per sample), so this computes what separate
+    # calls compute. (D's spectral norm then takes one power-iteration step per batched call.)
+    # ds's two draws: as in StarGAN v2, z_1 is the latent path's z_trg, so fake_1 is fake_lat.
+    with ctx:
+        s_ref, s_src = E(torch.cat([x_ref, content]), torch.cat([y_trg, y_src])).chunk(2)
+        s_lat, s_2 = Fm(torch.cat([z_trg, z_2]), torch.cat([y_trg, y_trg])).chunk(2)
+        styles = torch.cat([s_ref, s_lat, s_2])
+        fake_ref, fake_lat, fake_2 = G(content.repeat(3, 1, 1, 1), styles).chunk(3)
+
+    # D step: the adversarial loss on both paths, averaged; R1 every r1_interval steps,
+    # interval-compensated
+    with ctx:
+        d_in = torch.cat([x_ref, fake_ref.detach(), fake_lat.detach()])
+        real_logits, fr_logits, fl_logits = D(d_in, y_trg.repeat(3)).float().chunk(3)
+    d_loss = 0.5 * (
+        d_adv_loss(kind, real_logits, fr_logits) + d_adv_loss(kind, real_logits, fl_logits)
+    )
+    r1 = r2 = zero
+    D_raw = modules["D"]
+    if step % cfg["r1_interval"] == 0 and cfg["w_r2"] > 0:  # R1 and R2: one double backward
+        fakes = torch.cat([fake_ref, fake_lat]).detach().float()
+        with torch.autocast(device_type=content.device.type, enabled=False):
+            r1, r2 = r1_r2_penalty(lambda x: D_raw(x, y_trg.repeat(3)), x_ref.float(), fakes)
+        d_loss = d_loss + cfg["r1_interval"] * (cfg["w_r1"] * r1 + cfg["w_r2"] * r2)
+    elif step % cfg["r1_interval"] == 0 and cfg["w_r1"] > 0:
+        x_ref_r1 = x_ref.detach().requires_grad_(True)
+        # seed 001: autocast off, float32
+        with torch.autocast(device_type=content.device.type, enabled=False):
+            r1 = r1_penalty(D_raw(x_ref_r1.float(), y_trg), x_ref_r1)
+        d_loss = d_loss + (cfg["w_r1"] * cfg["r1_interval"]) * r1
+    opt_D.zero_grad(set_to_none=True)
+    scaler_D.scale(d_loss).backward()
+    average_gradients(opt_D.param_groups[0]["params"])  # under torchrun: the mean over the ranks
+    scaler_D.step(opt_D)
+    scaler_D.update()
+
+    # G step: G, E and F together, against the updated D
+    with ctx:
+        y2 = y_trg.repeat(2)
+        if kind == "rpgan":  # each fake against the real reference of its row: its logit too
+            d_in = torch.cat([fake_ref, fake_lat, x_ref])
+            adv_ref, adv_lat, real_g = D(d_in, y_trg.repeat(3)).float().chunk(3)
+        else:
+            adv_ref, adv_lat = D(torch.cat([fake_ref, fake_lat]), y2).float().chunk(2)
+            real_g = None
+        g_adv = g_adv_loss(kind, adv_ref, real_g) + g_adv_loss(kind, adv_lat, real_g)
+        s_ref_hat, s_lat_hat = E(torch.cat([fake_ref, fake_lat]), y2).float().chunk(2)
+        sty = style_reconstruction_loss(s_ref_hat, s_ref.float())
+        sty = sty + style_reconstruction_loss(s_lat_hat, s_lat.float())
+        ds = diversity_sensitive_loss(fake_lat.float(), fake_2.float(), cfg["ds_margin"] or None)
+        back = [fake_ref, fake_lat] + ([content] if cfg["w_id"] > 0 else [])  # cyc, id: one call
+        outs = G(torch.cat(back), s_src.repeat(len(back), 1)).float().chunk(len(back))
+        cyc = cycle_consistency_loss(outs[0], content) + cycle_consistency_loss(outs[1], content)
+        idl = identity_loss(outs[2], content) if cfg["w_id"] > 0 else zero
+    g_loss = cfg["w_adv"] * g_adv + cfg["w_sty"] * sty + cfg["w_cyc"] * cyc
+    g_loss = g_loss + cfg["w_id"] * idl - lam * ds
+    gef_params = [p for group in opt_G.param_groups for p in group["params"]]
+    opt_G.zero_grad(set_to_none=True)
+    scaler_G.scale(g_loss).backward(inputs=gef_params)  # G's, E's, F's grads: D's not needed
+    average_gradients(gef_params)
+    scaler_G.step(opt_G)
+    scaler_G.update()
+    d_fake = torch.cat([fr_logits, fl_logits]).mean()
+    values = [d_loss, g_loss, g_adv, sty, ds, cyc, idl, r1, r2, real_logits.mean(), d_fake]
+    return [v.detach() for v in values]
+
+
+def update_ema(ema_pairs, step, ema):
+    """The EMA copies one step on, with a warm-up: beta_t = min(ema, (1 + t) / (10 + t)), so early
+    on the EMA follows the networks closely. ema_pairs: (EMA parameters, parameters) per network."""
+    beta = min(ema, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for p_ema, p in ema_pairs:
+            torch._foreach_lerp_(p_ema, p, 1 - beta)
 
 
 # -----------------------------------------------------------------------------
@@ -1173,6 +1337,51 @@ def nan_message(bad, epoch, ckpt_path, saved_step, hint):
     return (
         f"non-finite {', '.join(keys)} at step {step + 1} (epoch {epoch}); stopped. {kept}; {hint}"
     )
+
+
+class StepProfiler:
+    """--profile N: torch.profiler over N steps, from `start` on. Writes profile.txt in out_dir
+    (the ops by their own time; on a GPU by their kernels' time) and profile.json (a trace for
+    ui.perfetto.dev or chrome://tracing), and prints where a step's time went: on a GPU, the
+    share of it spent in kernels; the rest is launching them and host work."""
+
+    def __init__(self, steps, start, out_dir, device):
+        self.start, self.end, self.out_dir, self.device = start, start + steps, out_dir, device
+        self.prof, self.t0 = None, 0.0
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, step):
+        """Called after each step with the number of steps done."""
+        if step == self.start and self.end > self.start:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            acts += [torch.profiler.ProfilerActivity.CUDA] * (self.device.type == "cuda")
+            self.sync()
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif step == self.end and self.prof is not None:
+            self.sync()
+            wall = (time.perf_counter() - self.t0) / (self.end - self.start)
+            self.prof.__exit__(None, None, None)
+            table_path = os.path.join(self.out_dir, "profile.txt")
+            trace_path = os.path.join(self.out_dir, "profile.json")
+            ops = self.prof.key_averages()
+            on_gpu = self.device.type == "cuda"
+            sort = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+            with open(table_path, "w") as f:
+                f.write(ops.table(sort_by=sort, row_limit=40))
+            self.prof.export_chrome_trace(trace_path)
+            line = f"profile: steps {self.start}..{self.end}, {wall * 1e3:.2f} ms a step"
+            if on_gpu:  # the kernels' own time, summed over the GPU's events
+                cuda = torch.autograd.DeviceType.CUDA
+                kernels = sum(e.self_device_time_total for e in ops if e.device_type == cuda)
+                kernels = kernels / 1e3 / (self.end - self.start)  # us in all -> ms a step
+                line += f", {kernels:.2f} ms of it in GPU kernels ({kernels / wall / 10:.0f}%)"
+            print(f"{line}; the ops in {table_path}, the trace in {trace_path}", flush=True)
+            self.prof = None
 
 
 class CtrlC:
@@ -1438,49 +1647,26 @@ def main(argv=None):
     val_idx = torch.cat(val_idx).to(device)
     n_train, steps_per_epoch = len(train_sorted), cfg["epoch_size"] // B
 
-    # model init; the EMA copies of G, E and F for samples and evaluation
-    G = Generator(C, cfg["g_dim"], cfg["style_dim"], cfg["g_blocks"], cfg["g_down"]).to(device)
-    E = StyleEncoder(C, H, cfg["style_dim"], K, cfg["e_dim"]).to(device)
-    Fm = MappingNetwork(cfg["latent_dim"], cfg["style_dim"], K, cfg["f_dim"], cfg["f_shared"])
-    Fm = Fm.to(device)
-    D = Discriminator(C, H, K, cfg["d_dim"]).to(device)
-    nets = [G, E, Fm]
-    emas = [copy.deepcopy(m).eval() for m in nets]
-    gef_params, d_params = [p for m in nets for p in m.parameters()], list(D.parameters())
+    # model init, the EMA copies of G, E and F for samples and evaluation, the optimizers
+    modules = build_models(cfg, (C, H, W), K, device, ptdtype)
+    G, E, Fm, D = (modules[k] for k in "GEFD")
+    nets, emas = [G, E, Fm], [modules[k + "_ema"] for k in "GEF"]
     ema_pairs = [(list(m_ema.parameters()), list(m.parameters())) for m, m_ema in zip(nets, emas)]
-
-    # optimizers: one fused Adam for G, E and F (F at its own lr), one for D
-    adam = dict(betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"], fused=True)
-    groups = [{"params": list(G.parameters()) + list(E.parameters()), "lr": cfg["lr"]}]
-    groups.append({"params": list(Fm.parameters()), "lr": cfg["f_lr"]})
-    opt_G = torch.optim.Adam(groups, **adam)
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr"], **adam)
-    scaler_G = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
-    scaler_D = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
-    modules = dict(G=G, E=E, F=Fm, D=D, G_ema=emas[0], E_ema=emas[1], F_ema=emas[2])
-    modules.update(opt_G=opt_G, opt_D=opt_D, scaler_G=scaler_G, scaler_D=scaler_D)
 
     # where the run stands, fresh or from the checkpoint
     step, epoch, sums, elapsed, records = 0, 1, None, 0.0, []
     if ckpt is not None:
-        try:
-            restore(ckpt, modules, device)
-        except ValueError as e:  # e.g. --data with another number of domains
-            die(
-                f"--resume: {ckpt_path} does not fit this run ({e}); resume with the data and "
-                "flags it was made with, or use a new --out_dir"
-            )
-        for opt, lrs in ((opt_G, (cfg["lr"], cfg["f_lr"])), (opt_D, (cfg["lr"],))):
-            for group, lr in zip(opt.param_groups, lrs):  # the flags' values, not the saved ones
-                group.update(lr=lr, betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"])
-        step, epoch, sums, elapsed = ckpt["step"], ckpt["epoch"], ckpt["sums"], ckpt["elapsed"]
-        records = load_records(log_path, step)
-        if main_rank:
-            print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
+        step, epoch, sums, elapsed, records = resume(cfg, ckpt, modules, device, main_rank)
     log = {"script": SCRIPT, "config": cfg, "records": records}
     total_steps = cfg["epochs"] * steps_per_epoch
     if cfg["max_iters"]:
         total_steps = min(total_steps, cfg["max_iters"])
+    if cfg["profile"] and step + WARMUP_STEPS + cfg["profile"] > total_steps:
+        die(
+            f"--profile {cfg['profile']}: the profile starts after {WARMUP_STEPS} warm-up steps "
+            f"and the run has {total_steps - step} steps left; let it run at least "
+            f"{step + WARMUP_STEPS + cfg['profile']} steps (--max_iters, --epochs)"
+        )
 
     # compile: keep the raw modules for checkpoints, EMA, samples and R1's double backward
     G_c, E_c, F_c, D_c = G, E, Fm, D
@@ -1488,24 +1674,12 @@ def main(argv=None):
         G_c, E_c, F_c, D_c = (torch.compile(m, dynamic=False) for m in (G, E, Fm, D))
 
     # samples: decoded through the VAE the latents file names, if it loads; evaluation; the meter
-    vae, note = None, None
-    if cfg["decode"] and meta.get("vae") and main_rank:
-        try:
-            vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            vae = load_vae(meta["vae"], meta.get("subfolder"), device, vae_dtype)
-        except ValueError as e:
-            note = str(e).split(" Offline?")[0] + "; "
-    if vae is None and main_rank:
-        print(
-            f"samples: {note or ''}saving each latent's 4 channels as a 2x2 grayscale mosaic "
-            "instead of decoded images"
-        )
+    vae = samples_vae(cfg, meta, device) if main_rank else None
     grids = SampleGrids(cfg, latents, labels, K, val_idx if len(val_idx) else train_sorted, vae)
     evaluator = TranslationEvaluator(cfg, meta, latents, labels, train_sorted, val_idx, ctx)
     shown = emas if cfg["ema"] > 0 else nets  # the networks samples and evaluation use
     meter = Meter(LOG_KEYS, cfg["log_interval"], device, sums)
     ctrl_c = CtrlC()
-    zero = torch.zeros((), device=device)
 
     if main_rank:
         print(
@@ -1514,7 +1688,11 @@ def main(argv=None):
             f"{cfg['dtype']}{' compiled' * cfg['compile']}"
         )
     saved_step = step if ckpt is not None else None
-    start_step, bench_start = step, step + WARMUP_STEPS
+    # the final throughput leaves out the warm-up (compiling) and the profiled steps
+    start_step, bench_start = step, step + WARMUP_STEPS + cfg["profile"]
+    profiler = StepProfiler(
+        cfg["profile"] if main_rank else 0, step + WARMUP_STEPS, out_dir, device
+    )
     last_epoch, eval_seconds, start = math.ceil(total_steps / steps_per_epoch), None, True
     t_start = time.perf_counter()
     t_interval = t_epoch = t_start  # start of the progress interval, and of the epoch's timed part
@@ -1531,89 +1709,13 @@ def main(argv=None):
         ref = train_sorted[dom_start[y_trg] + pick]  # a reference of the target domain
         z_trg, z_2 = torch.randn(2, B, cfg["latent_dim"], device=device)
         # the global batch is drawn alike on every rank; this rank computes its slice
-        content, y_src, y_trg, x_ref = (
-            latents[idx[mine]],
-            y_src[mine],
-            y_trg[mine],
-            latents[ref[mine]],
-        )
-        z_trg, z_2 = z_trg[mine], z_2[mine]
-        # styles and fakes, once, before D's update. Calls are batched along dim 0: G, E and D have
-        # no batch-dependent layer (instance norm is per sample), so this computes what separate
-        # calls compute. (D's spectral norm then takes one power-iteration step per batched call.)
-        # ds's two draws: as in StarGAN v2, z_1 is the latent path's z_trg, so fake_1 is fake_lat.
-        with ctx:
-            s_ref, s_src = E_c(torch.cat([x_ref, content]), torch.cat([y_trg, y_src])).chunk(2)
-            s_lat, s_2 = F_c(torch.cat([z_trg, z_2]), torch.cat([y_trg, y_trg])).chunk(2)
-            styles = torch.cat([s_ref, s_lat, s_2])
-            fake_ref, fake_lat, fake_2 = G_c(content.repeat(3, 1, 1, 1), styles).chunk(3)
-
-        # D step: hinge on both paths, averaged; R1 every r1_interval steps, interval-compensated
-        with ctx:
-            d_in = torch.cat([x_ref, fake_ref.detach(), fake_lat.detach()])
-            real_logits, fr_logits, fl_logits = D_c(d_in, y_trg.repeat(3)).float().chunk(3)
-        kind = cfg["adv_loss"]
-        d_loss = 0.5 * (
-            d_adv_loss(kind, real_logits, fr_logits) + d_adv_loss(kind, real_logits, fl_logits)
-        )
-        r1 = r2 = zero
-        if step % cfg["r1_interval"] == 0 and cfg["w_r2"] > 0:  # R1 and R2: one double backward
-            fakes = torch.cat([fake_ref, fake_lat]).detach().float()
-            with torch.autocast(device_type=device.type, enabled=False):
-                r1, r2 = r1_r2_penalty(lambda x: D(x, y_trg.repeat(3)), x_ref.float(), fakes)
-            d_loss = d_loss + cfg["r1_interval"] * (cfg["w_r1"] * r1 + cfg["w_r2"] * r2)
-        elif step % cfg["r1_interval"] == 0 and cfg["w_r1"] > 0:
-            x_ref_r1 = x_ref.detach().requires_grad_(True)
-            # seed 001: autocast off, float32; the raw D: a compiled graph has no double backward
-            with torch.autocast(device_type=device.type, enabled=False):
-                r1 = r1_penalty(D(x_ref_r1.float(), y_trg), x_ref_r1)
-            d_loss = d_loss + (cfg["w_r1"] * cfg["r1_interval"]) * r1
-        opt_D.zero_grad(set_to_none=True)
-        scaler_D.scale(d_loss).backward()
-        average_gradients(d_params)  # under torchrun: the mean over the ranks, R1's included
-        scaler_D.step(opt_D)
-        scaler_D.update()
-
-        # G step: G, E and F together, against the updated D
-        with ctx:
-            y2 = y_trg.repeat(2)
-            if kind == "rpgan":  # each fake against the real reference of its row: its logit too
-                d_in = torch.cat([fake_ref, fake_lat, x_ref])
-                adv_ref, adv_lat, real_g = D_c(d_in, y_trg.repeat(3)).float().chunk(3)
-            else:
-                adv_ref, adv_lat = D_c(torch.cat([fake_ref, fake_lat]), y2).float().chunk(2)
-                real_g = None
-            g_adv = g_adv_loss(kind, adv_ref, real_g) + g_adv_loss(kind, adv_lat, real_g)
-            s_ref_hat, s_lat_hat = E_c(torch.cat([fake_ref, fake_lat]), y2).float().chunk(2)
-            sty = style_reconstruction_loss(s_ref_hat, s_ref.float())
-            sty = sty + style_reconstruction_loss(s_lat_hat, s_lat.float())
-            ds = diversity_sensitive_loss(
-                fake_lat.float(), fake_2.float(), cfg["ds_margin"] or None
-            )
-            back = [fake_ref, fake_lat] + (
-                [content] if cfg["w_id"] > 0 else []
-            )  # cyc and id: one call
-            outs = G_c(torch.cat(back), s_src.repeat(len(back), 1)).float().chunk(len(back))
-            cyc = cycle_consistency_loss(outs[0], content) + cycle_consistency_loss(
-                outs[1], content
-            )
-            idl = identity_loss(outs[2], content) if cfg["w_id"] > 0 else zero
-        g_loss = cfg["w_adv"] * g_adv + cfg["w_sty"] * sty + cfg["w_cyc"] * cyc
-        g_loss = g_loss + cfg["w_id"] * idl - lam * ds
-        opt_G.zero_grad(set_to_none=True)
-        scaler_G.scale(g_loss).backward(inputs=gef_params)  # G's, E's, F's grads: D's not needed
-        average_gradients(gef_params)
-        scaler_G.step(opt_G)
-        scaler_G.update()
-        if cfg["ema"] > 0:  # with a warm-up: early on the EMA follows the networks closely
-            beta = min(cfg["ema"], (1 + step) / (10 + step))
-            with torch.no_grad():
-                for p_ema, p in ema_pairs:
-                    torch._foreach_lerp_(p_ema, p, 1 - beta)
-        d_fake = torch.cat([fr_logits, fl_logits]).mean()
-        values = [d_loss, g_loss, g_adv, sty, ds, cyc, idl, r1, r2, real_logits.mean(), d_fake]
-        meter.push(step, [v.detach() for v in values])
+        batch = (latents[idx[mine]], y_src[mine], y_trg[mine], latents[ref[mine]])
+        batch += (z_trg[mine], z_2[mine])
+        meter.push(step, train_step(cfg, (G_c, E_c, F_c, D_c), modules, batch, step, lam, ctx))
+        if cfg["ema"] > 0:
+            update_ema(ema_pairs, step, cfg["ema"])
         step += 1
+        profiler(step)
 
         # -------------------------------------------------------------------------------------
         # read the meter back (a sync) only where it is needed: progress, epoch end, the timing

@@ -18,6 +18,7 @@ Losses (--loss), all computed from logits (D returns logits, never probabilities
 
 Output in --out_dir: log.json (per-epoch means, see plot_losses.py), samples/*.png (a 5x5 grid
 from one fixed z), ckpt.pt (everything --resume needs). The last line printed is the throughput.
+--profile N adds profile.txt and profile.json: where N steps' time went (torch.profiler).
 """
 
 import argparse
@@ -55,7 +56,8 @@ LOSS_DEFAULTS = {  # per loss: seed 004, the loss's paper (Algorithm 1 for WGAN 
 }
 # fmt: on
 FIXED = ("dataset", "latent_dim", "loss", "batch_size")  # a resumed run cannot change these
-SYSTEM = ("device", "dtype", "compile")  # this machine's, never taken from a checkpoint
+# this machine's and this call's, never taken from a checkpoint
+SYSTEM = ("device", "dtype", "compile", "profile")
 
 # -----------------------------------------------------------------------------
 # flags: every knob of a run, grouped, each with where its default comes from
@@ -137,6 +139,8 @@ def build_parser():
                    help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile G and D (default: on for CUDA, off for CPU)")
+    p.add_argument("--profile", type=nonneg_int, default=0, metavar="N",
+                   help="profile N steps after the warm-up: out_dir/profile.txt and profile.json")
     # fmt: on
     return p
 
@@ -542,6 +546,96 @@ def log_keys(cfg):
 
 
 # -----------------------------------------------------------------------------
+# the networks and optimizers; the training step: G's update, then D's on the same fakes (seed
+# 004's order)
+
+
+def build_models(cfg, device, ptdtype=torch.float32):
+    """G, D, their optimizers and GradScalers (on for float16 only): the dict a checkpoint saves.
+    Fused Adam updates in one pass over the parameters (1.3x the whole step on 2 CPU cores);
+    RMSprop for wgan, as its paper."""
+    G, D = MLPGenerator(cfg["latent_dim"]).to(device), MLPDiscriminator().to(device)
+    if cfg["optimizer"] == "rmsprop":
+        opt_G = torch.optim.RMSprop(G.parameters(), lr=cfg["lr"])
+        opt_D = torch.optim.RMSprop(D.parameters(), lr=cfg["lr_d"])
+    else:
+        betas = (cfg["b1"], cfg["b2"])
+        opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr"], betas=betas, fused=True)
+        opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=betas, fused=True)
+    scaler_G = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
+    scaler_D = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
+    return dict(G=G, D=D, opt_G=opt_G, opt_D=opt_D, scaler_G=scaler_G, scaler_D=scaler_D)
+
+
+def train_step(cfg, modules, G_c, D_c, real, z, step, total_steps, ctx):
+    """One step on a batch of real images and noise. G steps on every n_critic-th step; D on
+    every step. G_c and D_c are the networks the step calls (compiled with --compile); the
+    penalties' double backward goes through the raw D in modules (a compiled graph has none).
+    Returns the tensors log_keys names, then whether G stepped: nothing is read back (no sync)."""
+    D, opt_G, opt_D = modules["D"], modules["opt_G"], modules["opt_D"]
+    scaler_G, scaler_D = modules["scaler_G"], modules["scaler_D"]
+    loss_name, B = cfg["loss"], len(real)
+    g_step = step % cfg["n_critic"] == 0
+    if g_step:
+        with ctx:
+            fake = G_c(z)
+            if loss_name == "rpgan":  # its G loss pairs each fake with a real: both logits
+                real_g, fake_g = D_c(torch.cat([real, fake.view(B, -1)])).float().chunk(2)
+                g_loss = g_loss_fn(loss_name, fake_g, real_g)
+            else:
+                g_loss = g_loss_fn(loss_name, D_c(fake).float())
+        opt_G.zero_grad(set_to_none=True)
+        # G's grads only: D's are not needed
+        scaler_G.scale(g_loss).backward(inputs=opt_G.param_groups[0]["params"])
+        scaler_G.step(opt_G)
+        scaler_G.update()
+    else:
+        with torch.no_grad(), ctx:
+            fake = G_c(z)
+        g_loss = real.new_zeros(())
+    fake = fake.detach().view(B, -1).to(real.dtype)
+    with ctx:
+        logits = D_c(torch.cat([real, fake])).float()  # real and fake in one pass: no BatchNorm
+    real_logits, fake_logits = logits[:B], logits[B:]
+    d_loss = d_loss_fn(loss_name, real_logits, fake_logits)
+    if loss_name in ("bce", "minimax", "lsgan"):  # D(x) and D(G(z)) as probabilities
+        stats = [torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()]
+    else:  # critic scores
+        stats = [real_logits.mean(), fake_logits.mean()]
+    # penalties: autocast off, float32, through the raw D (a compiled graph has no double backward)
+    if loss_name == "wgan-gp":
+        gp = gradient_penalty(D, real, fake)
+        d_loss = d_loss + cfg["lambda_gp"] * gp
+        stats.append(gp)
+    gammas = [gamma_at(cfg[k], cfg["gamma_end"], step, total_steps) for k in ("r1", "r2")]
+    if cfg["r1"] > 0 and cfg["r2"] > 0:  # both in one double backward
+        r1, r2 = r1_r2_penalty(D, real, fake)
+        d_loss = d_loss + gammas[0] / 2 * r1 + gammas[1] / 2 * r2
+        stats += [r1, r2]
+    elif cfg["r1"] > 0:
+        real_r1 = real.detach().requires_grad_(True)
+        r1 = r1_penalty(D(real_r1), real_r1)
+        d_loss = d_loss + gammas[0] / 2 * r1
+        stats.append(r1)
+    elif cfg["r2"] > 0:  # R2: the same penalty, on the fakes
+        fake_r2 = fake.detach().requires_grad_(True)
+        r2 = r1_penalty(D(fake_r2), fake_r2)
+        d_loss = d_loss + gammas[1] / 2 * r2
+        stats.append(r2)
+    opt_D.zero_grad(set_to_none=True)
+    scaler_D.scale(d_loss).backward()
+    scaler_D.step(opt_D)
+    scaler_D.update()
+    if loss_name == "wgan":  # weight clipping keeps the critic (roughly) Lipschitz
+        with torch.no_grad():
+            torch._foreach_clamp_min_(list(D.parameters()), -cfg["clip_value"])
+            torch._foreach_clamp_max_(list(D.parameters()), cfg["clip_value"])
+    # the logged d_loss is the whole objective D minimised, penalties included
+    values = [d_loss, g_loss] + stats
+    return [v.detach() for v in values] + [torch.full((), float(g_step), device=real.device)]
+
+
+# -----------------------------------------------------------------------------
 # files: atomic writes, so an interrupted run never leaves half a file; grids without torchvision
 
 
@@ -818,6 +912,7 @@ class SampleEvaluator:
 
     def __call__(self, G, epoch):
         """fd, kid, is, modes, kl_uniform of --eval_samples images of G from one fixed set of z."""
+        t0 = time.perf_counter()  # the first call's includes the classifier's set-up
         if self.clf is None:
             self.setup()
         cfg, device = self.cfg, self.device
@@ -847,7 +942,8 @@ class SampleEvaluator:
             f"{out['kid']:.4f} is {out['is']:.2f} (real data {ref['is_real']:.2f}) modes "
             f"{out['modes']}/10 kl_uniform {out['kl_uniform']:.3f} precision "
             f"{out['precision']:.3f} recall {out['recall']:.3f} density {out['density']:.3f} "
-            f"coverage {out['coverage']:.3f} (real data {ref['coverage_real']:.3f})"
+            f"coverage {out['coverage']:.3f} (real data {ref['coverage_real']:.3f}) in "
+            f"{time.perf_counter() - t0:.1f}s"
         )
         return out
 
@@ -942,6 +1038,51 @@ def nan_message(bad, epoch, ckpt_path, saved_step, hint):
     )
 
 
+class StepProfiler:
+    """--profile N: torch.profiler over N steps, from `start` on. Writes profile.txt in out_dir
+    (the ops by their own time; on a GPU by their kernels' time) and profile.json (a trace for
+    ui.perfetto.dev or chrome://tracing), and prints where a step's time went: on a GPU, the
+    share of it spent in kernels; the rest is launching them and host work."""
+
+    def __init__(self, steps, start, out_dir, device):
+        self.start, self.end, self.out_dir, self.device = start, start + steps, out_dir, device
+        self.prof, self.t0 = None, 0.0
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, step):
+        """Called after each step with the number of steps done."""
+        if step == self.start and self.end > self.start:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            acts += [torch.profiler.ProfilerActivity.CUDA] * (self.device.type == "cuda")
+            self.sync()
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif step == self.end and self.prof is not None:
+            self.sync()
+            wall = (time.perf_counter() - self.t0) / (self.end - self.start)
+            self.prof.__exit__(None, None, None)
+            table_path = os.path.join(self.out_dir, "profile.txt")
+            trace_path = os.path.join(self.out_dir, "profile.json")
+            ops = self.prof.key_averages()
+            on_gpu = self.device.type == "cuda"
+            sort = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+            with open(table_path, "w") as f:
+                f.write(ops.table(sort_by=sort, row_limit=40))
+            self.prof.export_chrome_trace(trace_path)
+            line = f"profile: steps {self.start}..{self.end}, {wall * 1e3:.2f} ms a step"
+            if on_gpu:  # the kernels' own time, summed over the GPU's events
+                cuda = torch.autograd.DeviceType.CUDA
+                kernels = sum(e.self_device_time_total for e in ops if e.device_type == cuda)
+                kernels = kernels / 1e3 / (self.end - self.start)  # us in all -> ms a step
+                line += f", {kernels:.2f} ms of it in GPU kernels ({kernels / wall / 10:.0f}%)"
+            print(f"{line}; the ops in {table_path}, the trace in {trace_path}", flush=True)
+            self.prof = None
+
+
 class CtrlC:
     """The SIGINT handler: the step in progress finishes, a checkpoint is saved and the run stops.
     A second Ctrl-C stops at once, except under torchrun, whose agent repeats the signal."""
@@ -987,20 +1128,9 @@ def main(argv=None):
         die(f"--batch_size {B} is larger than the training set ({N} images)")
     steps_per_epoch = N // B  # the last partial batch is dropped: one shape, no recompiles
 
-    # model and optimizers: fused Adam updates in one pass over the parameters (1.3x the whole step
-    # on 2 CPU cores); RMSprop for wgan, as its paper
-    G, D = MLPGenerator(cfg["latent_dim"]).to(device), MLPDiscriminator().to(device)
-    g_params = list(G.parameters())
-    if cfg["optimizer"] == "rmsprop":
-        opt_G = torch.optim.RMSprop(G.parameters(), lr=cfg["lr"])
-        opt_D = torch.optim.RMSprop(D.parameters(), lr=cfg["lr_d"])
-    else:
-        betas = (cfg["b1"], cfg["b2"])
-        opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr"], betas=betas, fused=True)
-        opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=betas, fused=True)
-    scaler_G = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
-    scaler_D = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
-    modules = dict(G=G, D=D, opt_G=opt_G, opt_D=opt_D, scaler_G=scaler_G, scaler_D=scaler_D)
+    # model and optimizers
+    modules = build_models(cfg, device, ptdtype)
+    G, D, opt_G, opt_D = (modules[k] for k in ("G", "D", "opt_G", "opt_D"))
 
     # where the run stands, fresh or from the checkpoint (the epoch's permutation and partial sums)
     step, epoch, perm, sums, elapsed, records = 0, 1, None, None, 0.0, []
@@ -1025,6 +1155,12 @@ def main(argv=None):
     total_steps = cfg["epochs"] * steps_per_epoch
     if cfg["max_iters"]:
         total_steps = min(total_steps, cfg["max_iters"])
+    if cfg["profile"] and step + WARMUP_STEPS + cfg["profile"] > total_steps:
+        die(
+            f"--profile {cfg['profile']}: the profile starts after {WARMUP_STEPS} warm-up steps "
+            f"and the run has {total_steps - step} steps left; let it run at least "
+            f"{step + WARMUP_STEPS + cfg['profile']} steps (--max_iters, --epochs)"
+        )
 
     # compile: keep the raw modules for checkpoints, samples and the double backward of GP and R1
     G_c, D_c = G, D
@@ -1041,7 +1177,6 @@ def main(argv=None):
     keys = log_keys(cfg)
     meter = Meter(keys + ["g_step"], cfg["log_interval"], device, sums)
     ctrl_c = CtrlC()
-    zero = torch.zeros((), device=device)
 
     print(
         f"{loss_name} on {cfg['dataset']}: {N} images, {steps_per_epoch} steps/epoch, "
@@ -1050,7 +1185,9 @@ def main(argv=None):
     if step == 0:
         save_samples(G, z_fixed, ctx, sample_path.format(step))
     saved_step = step if ckpt is not None else None
-    start_step, bench_start = step, step + WARMUP_STEPS
+    # the final throughput leaves out the warm-up (compiling) and the profiled steps
+    start_step, bench_start = step, step + WARMUP_STEPS + cfg["profile"]
+    profiler = StepProfiler(cfg["profile"], step + WARMUP_STEPS, out_dir, device)
     last_epoch, eval_seconds, start = math.ceil(total_steps / steps_per_epoch), None, True
     t_start = time.perf_counter()
     t_interval = t_epoch = t_start  # start of the progress interval, and of the epoch's timed part
@@ -1063,66 +1200,9 @@ def main(argv=None):
         i = step - (epoch - 1) * steps_per_epoch  # batch index inside the epoch
         real = data[perm[i * B : (i + 1) * B]]
         z = torch.randn(B, cfg["latent_dim"], device=device)
-        g_step = step % cfg["n_critic"] == 0
-        # the generator's step first, then the discriminator's on the same fakes (seed 004's order)
-        if g_step:
-            with ctx:
-                fake = G_c(z)
-                if loss_name == "rpgan":  # its G loss pairs each fake with a real: both logits
-                    real_g, fake_g = D_c(torch.cat([real, fake.view(B, -1)])).float().chunk(2)
-                    g_loss = g_loss_fn(loss_name, fake_g, real_g)
-                else:
-                    g_loss = g_loss_fn(loss_name, D_c(fake).float())
-            opt_G.zero_grad(set_to_none=True)
-            scaler_G.scale(g_loss).backward(inputs=g_params)  # G's grads only: D's are not needed
-            scaler_G.step(opt_G)
-            scaler_G.update()
-        else:
-            with torch.no_grad(), ctx:
-                fake = G_c(z)
-            g_loss = zero
-        fake = fake.detach().view(B, -1).to(real.dtype)
-        with ctx:
-            logits = D_c(torch.cat([real, fake])).float()  # real and fake in one pass: no BatchNorm
-        real_logits, fake_logits = logits[:B], logits[B:]
-        d_loss = d_loss_fn(loss_name, real_logits, fake_logits)
-        if loss_name in ("bce", "minimax", "lsgan"):  # D(x) and D(G(z)) as probabilities
-            stats = [torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()]
-        else:  # critic scores
-            stats = [real_logits.mean(), fake_logits.mean()]
-        # penalties: autocast off, float32, through the raw D (a compiled graph has no double
-        # backward)
-        if loss_name == "wgan-gp":
-            gp = gradient_penalty(D, real, fake)
-            d_loss = d_loss + cfg["lambda_gp"] * gp
-            stats.append(gp)
-        gammas = [gamma_at(cfg[k], cfg["gamma_end"], step, total_steps) for k in ("r1", "r2")]
-        if cfg["r1"] > 0 and cfg["r2"] > 0:  # both in one double backward
-            r1, r2 = r1_r2_penalty(D, real, fake)
-            d_loss = d_loss + gammas[0] / 2 * r1 + gammas[1] / 2 * r2
-            stats += [r1, r2]
-        elif cfg["r1"] > 0:
-            real_r1 = real.detach().requires_grad_(True)
-            r1 = r1_penalty(D(real_r1), real_r1)
-            d_loss = d_loss + gammas[0] / 2 * r1
-            stats.append(r1)
-        elif cfg["r2"] > 0:  # R2: the same penalty, on the fakes
-            fake_r2 = fake.detach().requires_grad_(True)
-            r2 = r1_penalty(D(fake_r2), fake_r2)
-            d_loss = d_loss + gammas[1] / 2 * r2
-            stats.append(r2)
-        opt_D.zero_grad(set_to_none=True)
-        scaler_D.scale(d_loss).backward()
-        scaler_D.step(opt_D)
-        scaler_D.update()
-        if loss_name == "wgan":  # weight clipping keeps the critic (roughly) Lipschitz
-            with torch.no_grad():
-                torch._foreach_clamp_min_(list(D.parameters()), -cfg["clip_value"])
-                torch._foreach_clamp_max_(list(D.parameters()), cfg["clip_value"])
-        # the logged d_loss is the whole objective D minimised, penalties included
-        values = [d_loss.detach(), g_loss.detach()] + [s.detach() for s in stats]
-        meter.push(step, values + [zero + g_step])
+        meter.push(step, train_step(cfg, modules, G_c, D_c, real, z, step, total_steps, ctx))
         step += 1
+        profiler(step)
 
         # -------------------------------------------------------------------------------------
         # read the meter back (a sync) only where it is needed: progress, epoch end, the timing
