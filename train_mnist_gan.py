@@ -1044,9 +1044,17 @@ class StepProfiler:
     ui.perfetto.dev or chrome://tracing), and prints where a step's time went: on a GPU, the
     share of it spent in kernels; the rest is launching them and host work."""
 
-    def __init__(self, steps, start, out_dir, device):
+    def __init__(self, steps, start, total_steps, out_dir, device, active=True):
+        """A run too short for the profile is refused here, before any work. active: whether this
+        process profiles and writes (rank 0 under torchrun)."""
+        if steps and start + steps > total_steps:
+            die(
+                f"--profile {steps}: the profile starts after {WARMUP_STEPS} warm-up steps and "
+                f"the run has {total_steps - start + WARMUP_STEPS} steps left; let it run at least "
+                f"{start + steps} steps (--max_iters, --epochs)"
+            )
         self.start, self.end, self.out_dir, self.device = start, start + steps, out_dir, device
-        self.prof, self.t0 = None, 0.0
+        self.active, self.prof, self.t0 = active, None, 0.0
 
     def sync(self):
         if self.device.type == "cuda":
@@ -1054,7 +1062,7 @@ class StepProfiler:
 
     def __call__(self, step):
         """Called after each step with the number of steps done."""
-        if step == self.start and self.end > self.start:
+        if step == self.start and self.end > self.start and self.active:
             acts = [torch.profiler.ProfilerActivity.CPU]
             acts += [torch.profiler.ProfilerActivity.CUDA] * (self.device.type == "cuda")
             self.sync()
@@ -1155,12 +1163,7 @@ def main(argv=None):
     total_steps = cfg["epochs"] * steps_per_epoch
     if cfg["max_iters"]:
         total_steps = min(total_steps, cfg["max_iters"])
-    if cfg["profile"] and step + WARMUP_STEPS + cfg["profile"] > total_steps:
-        die(
-            f"--profile {cfg['profile']}: the profile starts after {WARMUP_STEPS} warm-up steps "
-            f"and the run has {total_steps - step} steps left; let it run at least "
-            f"{step + WARMUP_STEPS + cfg['profile']} steps (--max_iters, --epochs)"
-        )
+    profiler = StepProfiler(cfg["profile"], step + WARMUP_STEPS, total_steps, out_dir, device)
 
     # compile: keep the raw modules for checkpoints, samples and the double backward of GP and R1
     G_c, D_c = G, D
@@ -1186,8 +1189,7 @@ def main(argv=None):
         save_samples(G, z_fixed, ctx, sample_path.format(step))
     saved_step = step if ckpt is not None else None
     # the final throughput leaves out the warm-up (compiling) and the profiled steps
-    start_step, bench_start = step, step + WARMUP_STEPS + cfg["profile"]
-    profiler = StepProfiler(cfg["profile"], step + WARMUP_STEPS, out_dir, device)
+    start_step, bench_start = step, profiler.end
     last_epoch, eval_seconds, start = math.ceil(total_steps / steps_per_epoch), None, True
     t_start = time.perf_counter()
     t_interval = t_epoch = t_start  # start of the progress interval, and of the epoch's timed part
