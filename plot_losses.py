@@ -20,6 +20,8 @@ How to read the curves (seeds 000, 001, 003):
 - r1 looks tiny because it is 0 on every step but one in r1_interval, and averaged with those
   zeros; its weight in d_loss is w_r1 * r1_interval, so it adds w_r1 * r1_interval * mean r1.
 - Losses cannot show mode collapse; modes, fd and div (the trainers' evaluation) can.
+- content_ref and content_lat (the latent StarGAN's evaluation) near 0: G ignores its source and
+  draws each translation from the style alone; near 1: translations differ as their sources do.
 """
 
 import argparse
@@ -90,6 +92,9 @@ def build_parser():
                    help="div below this share of its peak: diversity collapse")
     p.add_argument("--low_coverage", type=float, default=0.5,
                    help="coverage below this share of real data's at the last evaluation: collapse")
+    p.add_argument("--min_content", type=float, default=0.2,
+                   help="content_ref or content_lat below this at the last evaluation: G ignores "
+                        "its source")
     # fmt: on
     return p
 
@@ -268,6 +273,8 @@ def reference_lines(meta, key, records):
         lines.append((-LN2, "D(G(z)) = 1/2: -ln 2"))
     if key in ("d_real", "d_fake") and kind in ("bce", "minimax", "lsgan"):
         lines.append((0.5, "1/2"))
+    if key in ("content_ref", "content_lat"):
+        lines += [(1.0, "1: G = identity"), (0.0, "0: the source is ignored")]
     if key in REAL_LEVEL:
         vals = finite(column(records, REAL_LEVEL[key]))
         if len(vals):
@@ -497,6 +504,29 @@ def diversity_collapse(meta, records, th):
     return []
 
 
+def source_ignored(meta, records, th):
+    """At the last evaluation: content_ref or content_lat below --min_content. The translations
+    then hardly depend on their source: G draws from the style (the reference's, or F's) alone."""
+    ep = xs_of(records, "epoch")
+    for i in reversed(range(len(records))):
+        found = {k: column(records, k)[i] for k in ("content_ref", "content_lat")}
+        found = {k: v for k, v in found.items() if np.isfinite(v)}
+        if found:
+            break
+    else:
+        return []
+    low = {k: v for k, v in found.items() if v < th.min_content}
+    if not low:
+        return []
+    paths = " and ".join({"content_ref": "by reference", "content_lat": "by z"}[k] for k in low)
+    figures = ", ".join(f"{k} {v:.3f}" for k, v in found.items())
+    return [
+        f"G ignores its source {paths}: {figures} at epoch {ep[i]:g} (1: translations differ as "
+        "their sources do; 0: the source does not matter). acc, fd and div can look fine while "
+        "this happens; every source under one style comes out alike"
+    ]
+
+
 FINDINGS = [
     divergence,
     d_dominates,
@@ -507,6 +537,7 @@ FINDINGS = [
     oscillation,
     mode_collapse,
     diversity_collapse,
+    source_ignored,
 ]
 
 

@@ -506,6 +506,70 @@ def test_stargan_batched_calls_equal_separate_calls():
     )
 
 
+def test_stargan_structure_loss_is_the_self_similarity_l1():
+    # S[p, q] = cos(x_p - m, x_q - m) over the latent vectors x_p of a latent's positions, m their
+    # mean; struct = mean |S(output) - S(source)|. Written out with loops here.
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+
+    def reference(lat):
+        out = torch.zeros(len(lat), 20, 20)
+        for b in range(len(lat)):
+            v = lat[b].reshape(3, 20)
+            v = v - v.mean(1, keepdim=True)
+            for p in range(20):
+                for q in range(20):
+                    out[b, p, q] = torch.dot(v[:, p], v[:, q]) / (v[:, p].norm() * v[:, q].norm())
+        return out
+
+    torch.testing.assert_close(stargan.self_similarity(x), reference(x))
+    expect = (reference(x) - reference(y)).abs().mean()
+    torch.testing.assert_close(stargan.structure_loss(x, y), expect)
+    # the layout, not the values: a rescaled latent with a shift per channel keeps it exactly;
+    # the same latent mirrored does not
+    moved = 3 * x + torch.randn(1, 3, 1, 1)
+    assert stargan.structure_loss(moved, x) < 1e-6
+    assert stargan.structure_loss(x.flip(-1), x) > 0.1
+    # latents over 32x32 are pooled to 32x32 first: S stays (B, 1024, 1024)
+    big = torch.randn(1, 4, 64, 48)
+    assert stargan.self_similarity(big).shape == (1, 1024, 1024)
+
+
+def test_stargan_views_move_latents_exactly():
+    # E's views: a mirror and a whole-pixel shift move pixels exactly; no move is the identity
+    x = torch.randn(6, 4, 8, 8)
+    eye = torch.tensor([[1.0, 0, 0], [0, 1, 0]]).repeat(6, 1, 1)
+    torch.testing.assert_close(stargan.view(x, eye), x, rtol=0, atol=1e-6)
+    mirror = eye.clone()
+    mirror[:, 0, 0] = -1  # samples x at -x
+    torch.testing.assert_close(stargan.view(x, mirror), x.flip(-1), rtol=0, atol=1e-6)
+    twice = stargan.view(stargan.view(x, mirror), mirror)
+    torch.testing.assert_close(twice, x, rtol=0, atol=1e-6)
+    shift = eye.clone()
+    shift[:, 0, 2], shift[:, 1, 2] = 2 * 2 / 8, -1 * 2 / 8  # 2 pixels along W, -1 along H
+    moved = stargan.view(x, shift)
+    torch.testing.assert_close(moved[..., 1:, :6], x[..., :7, 2:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(moved[..., :, 6:], moved[..., :, 5:6].expand(-1, -1, -1, 2))
+    # random_views: nothing asked, nothing moved; shifts are whole pixels within the bound
+    torch.manual_seed(0)
+    assert torch.equal(stargan.random_views(6, 0.0, 0.0, 0.0, (8, 8), "cpu"), eye)
+    theta = stargan.random_views(4000, 0.5, 0.25, 0.25, (8, 16), "cpu")
+    flips = (theta[:, 0, 0] < 0).float().mean()
+    assert 0.45 < flips < 0.55
+    scale = theta[:, 1, 1]  # 1 / zoom, zoom in [0.75, 1.25]
+    assert scale.min() >= 1 / 1.25 - 1e-6 and scale.max() <= 1 / 0.75 + 1e-6
+    torch.testing.assert_close(theta[:, 0, 0].abs(), scale)
+    px_w, px_h = theta[:, 0, 2] * 16 / 2, theta[:, 1, 2] * 8 / 2  # in pixels
+    assert set(px_w.round().tolist()) == set(range(-4, 5)) and set(px_h.round().tolist()) == {
+        -2.0,
+        -1.0,
+        0.0,
+        1.0,
+        2.0,
+    }
+    torch.testing.assert_close(px_w, px_w.round())
+
+
 def test_stargan_generator_output_is_linear():
     # No tanh at G's output: SD latents are unbounded. Shifting the last conv's bias by 5 shifts
     # every output by exactly 5, past [-1, 1]; a squashing output would not.

@@ -60,7 +60,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 SCRIPT = "train_latent_stargan.py"
 WARMUP_STEPS = 10  # steps left out of the final throughput (torch.compile compiles in the first)
-LOG_KEYS = ["d_loss", "g_loss", "g_adv", "sty", "ds", "cyc", "id", "r1", "r2", "d_real", "d_fake"]
+LOG_KEYS = "d_loss g_loss g_adv sty ds cyc id struct r1 r2 d_real d_fake".split()
 ADV_LOSSES = ("hinge", "nsgan", "rpgan")
 PRDC = ("precision", "recall", "density", "coverage")
 ARCH = ("style_dim", "latent_dim", "g_dim", "g_blocks", "g_down", "e_dim", "d_dim", "f_dim")
@@ -92,12 +92,23 @@ def build_parser():
     p.add_argument("--g_dim", type=positive_int, default=256, help="generator width")
     p.add_argument("--g_blocks", type=positive_int, default=6,
                    help="generator residual blocks, half IN-encoder, half AdaIN-decoder (even)")
-    p.add_argument("--g_down", type=nonneg_int, default=1,
-                   help="times the generator halves the latent size inside (1: 32 -> 16)")
+    p.add_argument("--g_down", type=nonneg_int, default=None,
+                   help="times the generator halves the latent size inside (default: 1, as "
+                        "StarGAN v2 at 256 px, or 0 where a halving would leave less than 8x8)")
     p.add_argument("--e_dim", type=positive_int, default=128, help="style encoder base width")
     p.add_argument("--d_dim", type=positive_int, default=128, help="discriminator base width")
     p.add_argument("--f_dim", type=positive_int, default=512, help="mapping network width")
     p.add_argument("--f_shared", type=positive_int, default=3, help="mapping network shared layers")
+    # E's views: a style taken from a moved copy of its latent cannot carry the latent's pose, so
+    # G must take the pose from its source (README: "A translator keeps its source")
+    p.add_argument("--e_flip", type=unit_float, default=0.5,
+                   help="E sees each latent it takes a style from mirrored left-right with this "
+                        "probability (0: never)")
+    p.add_argument("--e_shift", type=unit_float, default=0.25,
+                   help="... shifted by up to this share of its width and height, in whole "
+                        "latent pixels (0: not)")
+    p.add_argument("--e_zoom", type=unit_float, default=0.25,
+                   help="... zoomed by a factor in [1 - e_zoom, 1 + e_zoom] (0: not)")
     # loss (seed 001's loss.* keys)
     p.add_argument("--w_adv", type=nonneg_float, default=1.0, help="weight of g_adv")
     p.add_argument("--w_sty", type=nonneg_float, default=1.0, help="weight of sty, style recon.")
@@ -112,6 +123,9 @@ def build_parser():
                    help="weight of cyc, cycle consistency (raise it if content breaks)")
     p.add_argument("--w_id", type=nonneg_float, default=1.0,
                    help="weight of id, identity (0 skips the term and logs it as 0)")
+    p.add_argument("--w_struct", type=nonneg_float, default=0.0,
+                   help="weight of struct, each translation's layout (its latent's self-"
+                        "similarity) against its source's (0: seed 001's losses exactly)")
     p.add_argument("--adv_loss", choices=ADV_LOSSES, default="hinge",
                    help="hinge (seed 001), nsgan (StarGAN v2's BCE) or rpgan (R3GAN's, each fake "
                         "paired with the real reference of its row)")
@@ -192,8 +206,6 @@ def parse_config(argv=None):
             check_resume(cfg, ckpt, FIXED, SYSTEM)
     if cfg["g_blocks"] % 2:
         die(f"--g_blocks must be even (half encoder, half decoder), got {cfg['g_blocks']}")
-    if cfg["g_down"] > cfg["g_blocks"] // 2:
-        die(f"--g_down must be at most g_blocks/2 = {cfg['g_blocks'] // 2}, got {cfg['g_down']}")
     if cfg["epoch_size"] < cfg["batch_size"]:
         die(
             f"--epoch_size counts samples: {cfg['epoch_size']} is less than one batch of "
@@ -401,6 +413,24 @@ def cycle_consistency_loss(reconstructed, original):
 def identity_loss(output, content):
     """L1(G(x, s_src), x): the source's own style must leave the content unchanged."""
     return F.l1_loss(output, content)
+
+
+def self_similarity(x):
+    """(B, C, H, W) latents -> (B, HW, HW): the cosine similarity of every two positions' latent
+    vectors, each latent's mean vector taken away first. It says which parts of a latent are
+    alike (the layout), not what they are; latents over 32x32 are average-pooled to 32x32."""
+    if x.shape[-1] > 32 or x.shape[-2] > 32:
+        x = F.adaptive_avg_pool2d(x, (min(x.shape[-2], 32), min(x.shape[-1], 32)))
+    v = x.flatten(2)
+    v = F.normalize(v - v.mean(2, keepdim=True), dim=1)
+    return v.transpose(1, 2) @ v
+
+
+def structure_loss(output, source):
+    """L1(S(G(x, s)), S(x)), S = self_similarity: a translation keeps where its source's parts
+    are, whatever they become (self-similarity as the structure to keep, as in LSeSim, Zheng et
+    al. 2021, and Splice, Tumanyan et al. 2022, there on network features; here on the latent)."""
+    return F.l1_loss(self_similarity(output), self_similarity(source))
 
 
 def lambda_ds(epoch, w_ds, ds_decay_epochs):
@@ -692,6 +722,28 @@ def latent_mosaic(lat, real):
     return torch.cat([top, bottom], 2)
 
 
+def random_views(n, flip, shift, zoom, size, device):
+    """n random geometries, as the affine matrices (n, 2, 3) of view(): each mirrored left-right
+    with probability flip, shifted by up to shift of the width and height of a latent of size
+    (H, W) in whole latent pixels, and zoomed by a factor in [1 - zoom, 1 + zoom]. Drawn for the
+    whole batch from the global RNG, as the batch is (torchrun: every rank takes its slice)."""
+    (H, W), theta = size, torch.zeros(n, 2, 3, device=device)
+    mirror = torch.where(torch.rand(n, device=device) < flip, -1.0, 1.0)
+    scale = 1 / (1 + zoom * (2 * torch.rand(n, device=device) - 1))
+    theta[:, 0, 0], theta[:, 1, 1] = mirror * scale, scale
+    for i, side in ((0, W), (1, H)):  # a shift of k pixels is 2k/side in grid coordinates
+        k = int(shift * side)
+        theta[:, i, 2] = torch.randint(-k, k + 1, (n,), device=device) * 2 / side
+    return theta
+
+
+def view(x, theta):
+    """Latents (B, C, H, W) moved by affine matrices theta (B, 2, 3) of random_views(): bilinear,
+    the border repeated. A mirror or a whole-pixel shift alone moves pixels exactly."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False).to(x.dtype)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 # -----------------------------------------------------------------------------
 # files: atomic writes, so an interrupted run never leaves half a file; grids; the checkpoint
 
@@ -956,6 +1008,30 @@ def mean_pairwise_l1(x):
     return float(torch.cdist(f, f, p=1).sum() / (f.shape[1] * len(f) * (len(f) - 1)))
 
 
+CONTENT_SOURCES = 200  # sources per domain in content's pairs (6 x 200 x 200 distances, n_div 4)
+
+
+def content_score(sources, outs):
+    """content: whether translations keep their sources, label-free. sources (n, C, H, W), all
+    of one domain; outs (m, n, C, H, W), their translations into one other domain under m styles
+    that every source shares. Over every pair of translations under two different styles, the
+    Pearson correlation between how far apart (Euclidean, in latent space) their sources are and
+    how far apart they are; two translations of one source have sources 0 apart. 1: translations
+    differ as their sources differ (G = identity); 0: the source does not matter (G copies its
+    reference, or draws from the style alone: the pairs' distances then depend on the styles
+    only, and over all pairs of sources the correlation is exactly 0); near 0 too where the
+    style matters far more than the source."""
+    m = len(outs)
+    src = sources.flatten(1).double()
+    o = outs.flatten(2).double()
+    d_src = torch.cdist(src, src).flatten()
+    pairs = [(torch.cdist(o[j], o[k]).flatten(), d_src) for j in range(m) for k in range(j + 1, m)]
+    b, a = (torch.cat(v) for v in zip(*pairs))
+    a, b = a - a.mean(), b - b.mean()
+    norm = float(a.norm() * b.norm())
+    return float((a * b).sum()) / norm if norm > 0 else 0.0
+
+
 class TranslationEvaluator:
     """On the held-out latents, with the EMA networks: each source into every other domain, by a
     reference (a held-out latent of that domain) and by a fixed z. In the feature space of a
@@ -1045,15 +1121,28 @@ class TranslationEvaluator:
                 rc = G(fl, E(x_s[sl], y_s[sl])).float()
             fake_ref.append(fr), fake_lat.append(fl), rec.append(rc)
         fake_ref, fake_lat, rec = torch.cat(fake_ref), torch.cat(fake_lat), torch.cat(rec)
-        div, n_div = [], cfg["n_div"]
+        # div and content: each domain's sources into the next domain, (y + 1) % K, under n_div
+        # styles that all of them share: n_div z, and n_div held-out references of that domain
+        div, n_div, content = [], cfg["n_div"], {"ref": [], "lat": []}
         pairs = [(a, b) for a in range(n_div) for b in range(a + 1, n_div)]
-        for i in range(0, len(x), 256):  # n_div styles for each source, into one other domain
-            xs, ys = x[i : i + 256], y_t[i : min(i + 256, len(x))]  # y_t[:len(x)]: (y + 1) % K
-            zs = torch.randn(n_div, len(xs), cfg["latent_dim"], generator=gen, device=device)
-            with ctx:
-                outs = torch.stack([G(xs, F_(zs[j], ys)).float() for j in range(n_div)])
-            dist = [(outs[a] - outs[b]).abs().flatten(1).mean(1) for a, b in pairs]
-            div.append(torch.stack(dist).mean(0))
+        for a in range(K):
+            t, xa = (a + 1) % K, x[y == a]
+            ys = torch.full((n_div,), t, device=device)
+            pick = torch.randint(len(per_dom[t]), (n_div,), generator=gen, device=device)
+            refs = per_dom[t][pick]
+            zs = torch.randn(n_div, cfg["latent_dim"], generator=gen, device=device)
+            for path in ("ref", "lat"):
+                with ctx:
+                    s = E(latents[refs], ys) if path == "ref" else F_(zs, ys)
+                    outs = [
+                        [G(c, s[j].expand(len(c), -1)).float() for c in xa.split(256)]
+                        for j in range(n_div)
+                    ]
+                outs = torch.stack([torch.cat(o) for o in outs])  # (n_div, sources, C, H, W)
+                if path == "lat":
+                    dist = [(outs[i] - outs[j]).abs().flatten(1).mean(1) for i, j in pairs]
+                    div.append(torch.stack(dist).mean(0))
+                content[path].append(content_score(xa[:CONTENT_SOURCES], outs[:, :CONTENT_SOURCES]))
         t = y_t.cpu().numpy()
         f_lat, p_lat = embed(self.clf, fake_lat)
         _, p_ref = embed(self.clf, fake_ref)
@@ -1070,12 +1159,16 @@ class TranslationEvaluator:
             out.update({f"{m}_{d}": per[d][m] for d in self.domains})
             out[m] = float(np.mean([per[d][m] for d in self.domains]))
         out["div"] = float(torch.cat(div).mean())
+        out["content_ref"] = float(np.mean(content["ref"]))
+        out["content_lat"] = float(np.mean(content["lat"]))
         out["cyc_err"] = float((rec - x_s).abs().mean())
         ref = self.reference
         print(
             f"eval epoch {epoch}: acc_ref {out['acc_ref']:.3f} acc_lat {out['acc_lat']:.3f} "
             f"fd_mean {out['fd_mean']:.3f} (real latents {ref['fd_real']:.3f}) div "
-            f"{out['div']:.4f} (real latents {ref['div_real']:.4f}) cyc_err {out['cyc_err']:.4f} "
+            f"{out['div']:.4f} (real latents {ref['div_real']:.4f}) content_ref "
+            f"{out['content_ref']:.3f} content_lat {out['content_lat']:.3f} cyc_err "
+            f"{out['cyc_err']:.4f} "
             f"coverage {out['coverage']:.3f} (real latents {ref['coverage_real']:.3f}) in "
             f"{time.perf_counter() - t0:.1f}s"
         )
@@ -1137,12 +1230,24 @@ def any_rank(flag, device):
 # then G's, E's and F's together
 
 
+def g_down(cfg, size):
+    """--g_down, or by default 1 (StarGAN v2's 16x16 bottleneck at 256 px, 32x32 latents) where
+    a halving leaves at least 8x8, else 0. G's source path through a 4x4 bottleneck loses the
+    pose: G then takes it from the style (README: "A translator keeps its source"). One line for
+    more halvings than the generator has blocks for."""
+    n = cfg["g_down"] if cfg["g_down"] is not None else int(size >= 16)
+    if n > cfg["g_blocks"] // 2:
+        die(f"--g_down must be at most g_blocks/2 = {cfg['g_blocks'] // 2}, got {n}")
+    return n
+
+
 def build_models(cfg, shape, n_domains, device, ptdtype=torch.float32):
     """G, E, F and D for latents of shape (C, H, W), the EMA copies of G, E and F, one fused Adam
     for G, E and F (F at its own lr) and one for D, and their GradScalers (on for float16 only):
     the dict a checkpoint saves, keyed as it is."""
     C, H, _ = shape
-    G = Generator(C, cfg["g_dim"], cfg["style_dim"], cfg["g_blocks"], cfg["g_down"]).to(device)
+    n_down = g_down(cfg, H)
+    G = Generator(C, cfg["g_dim"], cfg["style_dim"], cfg["g_blocks"], n_down).to(device)
     E = StyleEncoder(C, H, cfg["style_dim"], n_domains, cfg["e_dim"]).to(device)
     Fm = MappingNetwork(
         cfg["latent_dim"], cfg["style_dim"], n_domains, cfg["f_dim"], cfg["f_shared"]
@@ -1170,14 +1275,19 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx):
     G, E, Fm, D = nets
     opt_G, opt_D = modules["opt_G"], modules["opt_D"]
     scaler_G, scaler_D = modules["scaler_G"], modules["scaler_D"]
-    content, y_src, y_trg, x_ref, z_trg, z_2 = batch
+    content, y_src, y_trg, x_ref, z_trg, z_2, views = batch
     zero, kind = content.new_zeros(()), cfg["adv_loss"]
     # styles and fakes, once, before D's update. Calls are batched along dim 0: G, E and D have
     # no batch-dependent layer (instance norm is per sample), so this computes what separate
     # calls compute. (D's spectral norm then takes one power-iteration step per batched call.)
     # ds's two draws: as in StarGAN v2, z_1 is the latent path's z_trg, so fake_1 is fake_lat.
+    # E takes the styles of x_ref and content from moved views of them (--e_flip, --e_shift,
+    # --e_zoom): a style then cannot say where things are, so cyc and id make G take the pose
+    # from its source, and sty (E(fake_ref) against a style of a moved x_ref) makes E ignore it
+    e_in = torch.cat([x_ref, content])
+    e_in = e_in if views is None else view(e_in, views)
     with ctx:
-        s_ref, s_src = E(torch.cat([x_ref, content]), torch.cat([y_trg, y_src])).chunk(2)
+        s_ref, s_src = E(e_in, torch.cat([y_trg, y_src])).chunk(2)
         s_lat, s_2 = Fm(torch.cat([z_trg, z_2]), torch.cat([y_trg, y_trg])).chunk(2)
         styles = torch.cat([s_ref, s_lat, s_2])
         fake_ref, fake_lat, fake_2 = G(content.repeat(3, 1, 1, 1), styles).chunk(3)
@@ -1229,6 +1339,11 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx):
         idl = identity_loss(outs[2], content) if cfg["w_id"] > 0 else zero
     g_loss = cfg["w_adv"] * g_adv + cfg["w_sty"] * sty + cfg["w_cyc"] * cyc
     g_loss = g_loss + cfg["w_id"] * idl - lam * ds
+    struct = zero
+    if cfg["w_struct"] > 0:  # both translations' layouts against their source's
+        fakes = torch.cat([fake_ref, fake_lat]).float()
+        struct = 2 * structure_loss(fakes, content.float().repeat(2, 1, 1, 1))
+        g_loss = g_loss + cfg["w_struct"] * struct
     gef_params = [p for group in opt_G.param_groups for p in group["params"]]
     opt_G.zero_grad(set_to_none=True)
     scaler_G.scale(g_loss).backward(inputs=gef_params)  # G's, E's, F's grads: D's not needed
@@ -1236,7 +1351,7 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx):
     scaler_G.step(opt_G)
     scaler_G.update()
     d_fake = torch.cat([fr_logits, fl_logits]).mean()
-    values = [d_loss, g_loss, g_adv, sty, ds, cyc, idl, r1, r2, real_logits.mean(), d_fake]
+    values = [d_loss, g_loss, g_adv, sty, ds, cyc, idl, struct, r1, r2, real_logits.mean(), d_fake]
     return [v.detach() for v in values]
 
 
@@ -1416,6 +1531,8 @@ def evaluation_mode(nets, on):
 # --translate: your own images through a trained run. The image code is encode_latents.py's.
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+TRANSLATE_BATCH = 16  # images a pass: read, encode, G, decode and write, then the next
+GRID_ROWS, GRID_COLS = 16, 16  # grid.png: at most this many sources, and styles or references
 
 
 def image_files(folder, relative_to):
@@ -1491,7 +1608,7 @@ def run_networks(cfg, ckpt, device):
         meta.update(domains=list(d["domains"]), latent_shape=list(d["latents"].shape[1:]))
     C, H, _ = meta["latent_shape"]
     K = len(meta["domains"])
-    G = Generator(C, cfg["g_dim"], cfg["style_dim"], cfg["g_blocks"], cfg["g_down"])
+    G = Generator(C, cfg["g_dim"], cfg["style_dim"], cfg["g_blocks"], g_down(cfg, H))
     E = StyleEncoder(C, H, cfg["style_dim"], K, cfg["e_dim"])
     F_ = MappingNetwork(cfg["latent_dim"], cfg["style_dim"], K, cfg["f_dim"], cfg["f_shared"])
     suffix = "_ema" if cfg["ema"] > 0 else ""
@@ -1500,19 +1617,22 @@ def run_networks(cfg, ckpt, device):
     return [m.to(device).eval().requires_grad_(False) for m in (G, E, F_)], meta
 
 
-def read_images(root, files, size):
-    """uint8 (N, 3, size, size) of the image files under root, preprocessed as encode_latents.py
-    does; an unreadable one is skipped with a warning. Returns (images, the files kept)."""
-    items, imgs, kept = Items([(f, 0) for f in files], root, size), [], []
-    for i in range(len(items)):
-        x, _, err = items[i]
-        if err:
-            print(f"warning: skipping {os.path.join(root, files[i])}: {err}", file=sys.stderr)
-        else:
-            imgs.append(x), kept.append(files[i])
-    if not kept:
-        die(f"--translate: no readable image in {root}")
-    return torch.stack(imgs), kept
+def encoded_batches(vae, root, files, size, scale):
+    """The image files under root in batches of TRANSLATE_BATCH: (uint8 images (n, 3, size,
+    size), their scaled latents, the files kept), preprocessed as encode_latents.py does; an
+    unreadable image is skipped with a warning."""
+    items = Items([(f, 0) for f in files], root, size)
+    for start in range(0, len(files), TRANSLATE_BATCH):
+        imgs, kept = [], []
+        for i in range(start, min(start + TRANSLATE_BATCH, len(files))):
+            x, _, err = items[i]
+            if err:
+                print(f"warning: skipping {os.path.join(root, files[i])}: {err}", file=sys.stderr)
+            else:
+                imgs.append(x), kept.append(files[i])
+        if kept:
+            imgs = torch.stack(imgs)
+            yield imgs, encode(vae, imgs, scale), kept
 
 
 @torch.no_grad()
@@ -1567,38 +1687,56 @@ def translate(cfg, ckpt):
     except ValueError as e:
         die(str(e))
 
-    imgs, sources = read_images(cfg["translate"], sources, size)
-    x = encode(vae, imgs, scale)
-    if cfg["ref"] is not None:
-        ref_imgs, kept = read_images(cfg["ref"], [f for _, f in refs], size)
-        labels = torch.tensor([domains.index(f.split(os.sep)[0]) for f in kept], device=device)
-        styles = E(encode(vae, ref_imgs, scale), labels)
-        names = [f"{f.split(os.sep)[0]}_{stem(f.split(os.sep, 1)[1])}" for f in kept]
+    if cfg["ref"] is not None:  # a style per reference; the first GRID_COLS images for the grid
+        styles, top, names = [], [], []
+        for imgs, x, kept in encoded_batches(vae, cfg["ref"], [f for _, f in refs], size, scale):
+            labels = torch.tensor([domains.index(f.split(os.sep)[0]) for f in kept], device=device)
+            styles.append(E(x, labels))
+            top += list(imgs[: GRID_COLS - len(top)].float() / 127.5 - 1)
+            names += [f"{f.split(os.sep)[0]}_{stem(f.split(os.sep, 1)[1])}" for f in kept]
+        if not styles:
+            die(f"--translate: no readable image in {cfg['ref']}")
+        styles = torch.cat(styles)
     else:
         gen = torch.Generator().manual_seed(cfg["seed"])
         z = torch.randn(cfg["n_styles"], cfg["latent_dim"], generator=gen).to(device)
         y = torch.full((cfg["n_styles"],), domains.index(cfg["target"]), device=device)
         styles = F_(z, y)
         names = [f"{cfg['target']}_style{k}" for k in range(cfg["n_styles"])]
-    n, m = len(x), len(styles)
-    with torch.no_grad():
-        outs = [G(x[i : i + 1].expand(m, -1, -1, -1), styles) for i in range(n)]
-    fakes = decode(vae, torch.cat(outs), scale).view(n, m, 3, size, size)
+    # the sources flow through in batches: read, encode, G, decode, PNG. Only the grid's first
+    # GRID_ROWS sources x GRID_COLS styles are kept, so memory does not grow with the sources.
     os.makedirs(out, exist_ok=True)
-    for i, src in enumerate(sources):
-        for j, name in enumerate(names):
-            save_grid(fakes[i, j : j + 1], os.path.join(out, f"{stem(src)}__{name}.png"), 1, pad=0)
+    n, m, rows = 0, len(styles), []
+    for imgs, x, kept in encoded_batches(vae, cfg["translate"], sources, size, scale):
+        pairs = [(i, j) for i in range(len(x)) for j in range(m)]  # (source, style)
+        for c in range(0, len(pairs), TRANSLATE_BATCH):
+            i, j = (torch.tensor(v) for v in zip(*pairs[c : c + TRANSLATE_BATCH]))
+            with torch.no_grad():
+                fakes = decode(vae, G(x[i.to(device)], styles[j.to(device)]), scale)
+            for a, b, img in zip(i.tolist(), j.tolist(), fakes):
+                path = os.path.join(out, f"{stem(kept[a])}__{names[b]}.png")
+                save_grid(img[None], path, 1, pad=0)
+                if n + a < GRID_ROWS and b < GRID_COLS:
+                    if b == 0:
+                        rows.append([imgs[a].float() / 127.5 - 1])  # the source, first
+                    rows[n + a].append(img)
+        n += len(kept)
+    if not n:
+        die(f"--translate: no readable image in {cfg['translate']}")
     # the grid: sources down the rows (first column), translations across; by reference, the
     # references along the top
-    src = imgs.float() / 127.5 - 1
-    rows = [torch.cat([src[i : i + 1], fakes[i]]) for i in range(n)]
     if cfg["ref"] is not None:
-        top = torch.cat([torch.full_like(src[:1], -1), ref_imgs.float() / 127.5 - 1])
-        rows.insert(0, top)
-    save_grid(torch.cat(rows), os.path.join(out, "grid.png"), nrow=m + 1)
+        rows.insert(0, [torch.full_like(top[0], -1)] + top)
+    cells = torch.stack([img for row in rows for img in row])
+    save_grid(cells, os.path.join(out, "grid.png"), nrow=min(m, GRID_COLS) + 1)
+    shown = (
+        f"the first {min(n, GRID_ROWS)} x {min(m, GRID_COLS)}"
+        if max(n - GRID_ROWS, m - GRID_COLS) > 0
+        else "all"
+    )
     print(
         f"translated {n} images x {m} {'references' if cfg['ref'] else 'styles'} into {out} "
-        f"({n * m} PNGs and grid.png)"
+        f"({n * m} PNGs, and grid.png with {shown})"
     )
 
 
@@ -1648,6 +1786,7 @@ def main(argv=None):
     latents = meta["latents"].float().mul_(cfg["latent_scale"]).to(device)
     labels = meta["labels"].long().to(device)
     C, H, W = latents.shape[1:]
+    cfg["g_down"] = g_down(cfg, H)  # the log and the checkpoint say what the default chose
     train_idx, val_idx = split_domains(meta["labels"], K, cfg["val_fraction"])
     dom_count = torch.tensor([len(t) for t in train_idx], device=device)
     dom_start = torch.cumsum(dom_count, 0) - dom_count
@@ -1711,8 +1850,14 @@ def main(argv=None):
         ref = train_sorted[dom_start[y_trg] + pick]  # a reference of the target domain
         z_trg, z_2 = torch.randn(2, B, cfg["latent_dim"], device=device)
         # the global batch is drawn alike on every rank; this rank computes its slice
+        views = None  # E's views of x_ref (first B) and content (next B); none when all are 0
+        if cfg["e_flip"] or cfg["e_shift"] or cfg["e_zoom"]:
+            views = random_views(
+                2 * B, cfg["e_flip"], cfg["e_shift"], cfg["e_zoom"], (H, W), device
+            )
+            views = torch.cat([views[:B][mine], views[B:][mine]])
         batch = (latents[idx[mine]], y_src[mine], y_trg[mine], latents[ref[mine]])
-        batch += (z_trg[mine], z_2[mine])
+        batch += (z_trg[mine], z_2[mine], views)
         meter.push(step, train_step(cfg, (G_c, E_c, F_c, D_c), modules, batch, step, lam, ctx))
         if cfg["ema"] > 0:
             update_ema(ema_pairs, step, cfg["ema"])
