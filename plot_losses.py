@@ -20,6 +20,9 @@ How to read the curves (seeds 000, 001, 003):
 - r1 looks tiny because it is 0 on every step but one in r1_interval, and averaged with those
   zeros; its weight in d_loss is w_r1 * r1_interval, so it adds w_r1 * r1_interval * mean r1.
 - Losses cannot show mode collapse; modes, fd and div (the trainers' evaluation) can.
+- ada_rt (the latent StarGAN) is E[sign(D(x_ref))], StyleGAN2-ADA's r_t: near 1, D calls
+  nearly every real latent real, the sign that it has memorised them; ada_p is the augmentation
+  probability that ADA (--ada_target) moves to hold r_t at its target.
 - content_ref and content_lat (the latent StarGAN's evaluation) near 0: G ignores its source and
   draws each translation from the style alone; near 1: translations differ as their sources do.
 """
@@ -92,6 +95,12 @@ def build_parser():
                    help="div below this share of its peak: diversity collapse")
     p.add_argument("--low_coverage", type=float, default=0.5,
                    help="coverage below this share of real data's at the last evaluation: collapse")
+    p.add_argument("--rt_high", type=float, default=0.6,
+                   help="ada_rt above this for --overfit_epochs records at the end: D overfits")
+    p.add_argument("--overfit_epochs", type=int, default=3,
+                   help="records in a row that --rt_high counts")
+    p.add_argument("--leak_p", type=float, default=0.8,
+                   help="ada_p above this: the augmentation may leak into the outputs")
     p.add_argument("--min_content", type=float, default=0.2,
                    help="content_ref or content_lat below this at the last evaluation: G ignores "
                         "its source")
@@ -273,6 +282,10 @@ def reference_lines(meta, key, records):
         lines.append((-LN2, "D(G(z)) = 1/2: -ln 2"))
     if key in ("d_real", "d_fake") and kind in ("bce", "minimax", "lsgan"):
         lines.append((0.5, "1/2"))
+    if key == "ada_rt" and meta["config"].get("ada_target") is not None:
+        lines.append((meta["config"]["ada_target"], "ada_target"))
+    if key == "ada_p":
+        lines.append((0.8, "about 0.8: may leak"))
     if key in ("content_ref", "content_lat"):
         lines += [(1.0, "1: G = identity"), (0.0, "0: the source is ignored")]
     if key in REAL_LEVEL:
@@ -504,6 +517,40 @@ def diversity_collapse(meta, records, th):
     return []
 
 
+def d_overfits(meta, records, th):
+    """ada_rt, E[sign(D(x_ref))], above --rt_high in each of the last --overfit_epochs records."""
+    rt, ep = column(records, "ada_rt"), xs_of(records, "epoch")
+    idx = np.flatnonzero(np.isfinite(rt))[-th.overfit_epochs :]
+    if len(idx) < th.overfit_epochs or not (rt[idx] > th.rt_high).all():
+        return []
+    on = meta["config"].get("ada_target") is not None
+    return [
+        f"D overfits: ada_rt = E[sign(D(x_ref))] stays above {th.rt_high:g} (from {rt[idx[0]]:.3f} "
+        f"at epoch {ep[idx[0]]:g} to {rt[idx[-1]]:.3f} at epoch {ep[idx[-1]]:g}): D calls nearly "
+        "every real latent real, as when it has memorised a small data set; "
+        + (
+            "ADA's p has not caught up (a smaller --ada_kimg moves it faster)"
+            if on
+            else "--ada_target 0.6 augments what D sees to hold it there"
+        )
+    ]
+
+
+def augmentation_leaks(meta, records, th):
+    """ada_p above --leak_p: StyleGAN2-ADA's augmentations begin to leak past about 0.8."""
+    p, ep = column(records, "ada_p"), xs_of(records, "epoch")
+    idx = np.flatnonzero(np.isfinite(p) & (p > th.leak_p))
+    if not len(idx):
+        return []
+    top = int(idx[np.argmax(p[idx])])
+    return [
+        f"the augmentation may leak: ada_p reached {p[top]:.3f} at epoch {ep[top]:g} (above "
+        f"{th.leak_p:g}); past about 0.8 G can learn to make augmented latents (mirrored, moved, "
+        "cut out) since D sees them as often as not. Look at the samples; a higher --ada_target "
+        "or more data keeps p lower"
+    ]
+
+
 def source_ignored(meta, records, th):
     """At the last evaluation: content_ref or content_lat below --min_content. The translations
     then hardly depend on their source: G draws from the style (the reference's, or F's) alone."""
@@ -538,6 +585,8 @@ FINDINGS = [
     mode_collapse,
     diversity_collapse,
     source_ignored,
+    d_overfits,
+    augmentation_leaks,
 ]
 
 

@@ -570,6 +570,70 @@ def test_stargan_views_move_latents_exactly():
     torch.testing.assert_close(px_w, px_w.round())
 
 
+def ada(p, target=None, interval=4, kimg=0.064, batch=16):
+    cfg = dict(ada_target=target, ada_p=p, ada_interval=interval, ada_kimg=kimg)
+    return stargan.AdaptiveAugment({**cfg, "batch_size": batch, "seed": 0}, torch.device("cpu"))
+
+
+def test_stargan_ada_ops_are_exact_and_pass_gradients():
+    x = torch.randn(5, 4, 8, 8)
+    ident = torch.arange(8).expand(5, 8)
+    ones = torch.ones(5, 1, 8, 8)
+    # no op, or p = 0: x itself, bit for bit
+    assert torch.equal(stargan.augment(x, (ident, ident, ones)), x)
+    assert torch.equal(stargan.augment(x, ada(0.0).draw(5, (8, 8))), x)
+    # the mirror, twice: the identity; a translation by k: the border repeated
+    mirror = (ident, 7 - ident, ones)
+    assert torch.equal(stargan.augment(x, mirror), x.flip(-1))
+    assert torch.equal(stargan.augment(stargan.augment(x, mirror), mirror), x)
+    right2 = (ident, (ident - 2).clamp(0, 7), ones)  # content moves 2 pixels right
+    moved = stargan.augment(x, right2)
+    assert torch.equal(moved[..., 2:], x[..., :6]) and torch.equal(moved[..., 1], x[..., 0])
+    # p = 1: every latent mirrored (shift aside) and cut out: a square of half the side, clipped
+    rows, cols, mask = ada(1.0).draw(2000, (8, 8))
+    assert (cols[:, 0] >= cols[:, -1]).all()  # read right to left
+    holes = (mask == 0).flatten(1).sum(1)
+    assert holes.min() >= 1 and holes.max() == 16
+    moves = (cols[:, 0] - 7).abs()  # the mirrored first column reads 7, or 7 +- 1 moved
+    assert set(moves.tolist()) <= {0, 1} and (rows[:, 0] == 1).any()
+    # p = 0.5: each op on about half the latents, each independently
+    rows, cols, mask = ada(0.5).draw(4000, (8, 8))
+    assert 0.45 < (cols[:, 0] > cols[:, -1]).float().mean() < 0.55
+    assert 0.45 < (mask == 0).flatten(1).any(1).float().mean() < 0.55
+    # gradients flow back through the pipe: through a mirror, the mirrored upstream gradient;
+    # nothing through a cutout
+    x.requires_grad_(True)
+    w = torch.randn(5, 4, 8, 8)
+    cut = torch.ones(5, 1, 8, 8)
+    cut[..., :4, :4] = 0
+    (stargan.augment(x, (ident, 7 - ident, cut)) * w).sum().backward()
+    assert torch.equal(x.grad, (w * cut).flip(-1))
+
+
+def test_stargan_ada_p_moves_by_the_sign_of_r_t_minus_the_target():
+    # StyleGAN2-ADA: every interval steps p += sign(r_t - target) * batch * interval / (kimg
+    # 1000), r_t the mean sign(D(x_ref)) over those steps; clamped to [0, 1]
+    a = ada(None, target=0.6, interval=4, kimg=0.064, batch=16)  # steps of 16 * 4 / 64 = 1
+    a.speed = 0.25  # smaller steps for the test
+    for step, r in enumerate([1.0, 1.0, 0.2, 0.6], 1):  # r_t = 0.7 > 0.6: up
+        a.step(torch.tensor(r), step)
+    assert float(a.p) == 0.25 and float(a.rt_sum) == 0
+    for step in range(5, 9):  # r_t = 0.5 < 0.6: down
+        a.step(torch.tensor(0.5), step)
+    assert float(a.p) == 0.0
+    for step in range(9, 13):  # no lower than 0
+        a.step(torch.tensor(-1.0), step)
+    assert float(a.p) == 0.0
+    for step in range(13, 13 + 4 * 6):  # no higher than 1
+        a.step(torch.tensor(1.0), step)
+    assert float(a.p) == 1.0
+    assert ada(None, target=0.6, kimg=500).speed == 16 * 4 / 500e3
+    fixed = ada(0.3)  # --ada_p: p stays
+    for step in range(1, 9):
+        fixed.step(torch.tensor(1.0), step)
+    assert float(fixed.p) == pytest.approx(0.3)
+
+
 def test_stargan_generator_output_is_linear():
     # No tanh at G's output: SD latents are unbounded. Shifting the last conv's bias by 5 shifts
     # every output by exactly 5, past [-1, 1]; a squashing output would not.

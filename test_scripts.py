@@ -1053,7 +1053,8 @@ STARGAN_TINY = (
     "--batch_size 8 --epoch_size 32 --n_samples 2 --eval_interval 0 --device cpu"
 ).split()
 STARGAN_KEYS = set(
-    "epoch step d_loss g_loss g_adv sty ds cyc id struct r1 r2 d_real d_fake lambda_ds".split()
+    "epoch step d_loss g_loss g_adv sty ds cyc id struct r1 r2 d_real d_fake ada_rt ada_p "
+    "lambda_ds".split()
 )
 STARGAN_KEYS |= {"imgs_per_sec", "time"}
 STARGAN_EVAL = {"acc_ref", "acc_lat", "fd_0", "fd_1", "fd_2", "fd_mean", "div", "cyc_err", *PRDC}
@@ -1268,6 +1269,64 @@ def test_stargan_resume_is_exact(tiny_latents, tmp_path):
     for net in ("G", "D", "G_ema", "F"):
         for k in ka[net]:
             torch.testing.assert_close(kb[net][k], ka[net][k], rtol=1e-5, atol=1e-6)
+
+
+def test_stargan_ada(tiny_latents, tmp_path):
+    base = ["--epochs", 3, "--r1_interval", 2, "--no-decode"]
+
+    def same_logs(a, b, exact=True):
+        ra, rb = load_log(a)["records"], load_log(b)["records"]
+        assert len(ra) == len(rb)
+        for x, y in zip(ra, rb):
+            for k in set(x) - {"time", "imgs_per_sec"}:
+                assert y[k] == (x[k] if exact else pytest.approx(x[k], rel=1e-5)), (k, x, y)
+
+    # p = 0 computes what the run without ADA computes, bit for bit (its draws come from its own
+    # generator); with R1, and with R1 + R2 under rpgan
+    for loss in ([], ["--adv_loss", "rpgan", "--w_r2", 1]):
+        a, b = str(tmp_path / f"off{len(loss)}"), str(tmp_path / f"p0{len(loss)}")
+        stargan(tiny_latents, a, *base, *loss)
+        stargan(tiny_latents, b, *base, *loss, "--ada_p", 0)
+        same_logs(a, b)
+        ka, kb = (load_pt(os.path.join(d, "ckpt.pt")) for d in (a, b))
+        assert all(torch.equal(ka["G"][k], kb["G"][k]) for k in ka["G"])
+        assert kb["ada"]["p"] == 0.0 and ka["ada"] is None
+    # adaptive: p moves (a target near this D's r_t, a fast kimg); every record has ada_p and
+    # ada_rt; resume continues p, r_t's sum and the pipe's generator exactly
+    ada = ["--ada_target", -0.6, "--ada_kimg", 0.1, "--r1_interval", 3]
+    a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    stargan(tiny_latents, a, *base, *ada)
+    stargan(tiny_latents, b, *base[:1], 1, *base[2:], *ada)
+    run("train_latent_stargan.py", "--resume", "--out_dir", b, "--epochs", 3)
+    same_logs(a, b)
+    recs = load_log(a)["records"]
+    assert all(0 <= r["ada_p"] <= 1 and -1 <= r["ada_rt"] <= 1 for r in recs)
+    assert len({r["ada_p"] for r in recs}) > 1, recs
+    p = stargan_call(tiny_latents, str(tmp_path / "x"), "--ada_target", 0.6, "--ada_p", 0.2)
+    assert_one_line_error(p, "--ada_target adapts p and --ada_p fixes it: give one of them")
+
+
+def test_stargan_ada_raises_p_where_d_memorises(tiny_latents, tmp_path):
+    # Latents drawn around one mean a domain: 2 a domain, which D learns by heart (r_t =
+    # E[sign(D(x_ref))] goes to 1, p with it, until the augmentation stops the memorising), and
+    # 2,000 a domain, where r_t rises only early, while D beats a new G, and p falls back to 0.
+    # p over the second half of 30 epochs (120 steps of 8); measured 0.8 and 0.08, alike on 1
+    # and 2 threads
+    d, gen, n = load_pt(tiny_latents), torch.Generator().manual_seed(0), 2000
+    labels = torch.arange(3).repeat_interleave(n)
+    lat = torch.randn(3 * n, 4, 4, 4, generator=gen) + 0.5 * labels.view(-1, 1, 1, 1)
+    few = torch.cat([torch.arange(2) + k * n for k in range(3)])
+    flags = "--epochs 30 --val_fraction 0 --no-decode --d_dim 32 --lr 1e-3 --latent_scale 0.18215"
+    late = {}
+    for name, keep in (("small", few), ("large", torch.arange(3 * n))):
+        data, out = str(tmp_path / f"{name}.pt"), str(tmp_path / name)
+        paths = [f"{i}.png" for i in keep.tolist()]
+        torch.save({**d, "latents": lat[keep].half(), "labels": labels[keep], "paths": paths}, data)
+        stargan(data, out, *flags.split(), "--ada_target", 0.6, "--ada_kimg", 0.3)
+        late[name] = np.mean([r["ada_p"] for r in load_log(out)["records"][15:]])
+    assert late["small"] > 0.5 and late["large"] < 0.2, late
+    p = run("plot_losses.py", str(tmp_path / "small" / "log.json"), "--diagnose")
+    assert "the augmentation may leak: ada_p reached" in p.stdout
 
 
 def test_stargan_resume_refuses_what_it_cannot_continue(tiny_latents, tmp_path):
@@ -1581,6 +1640,7 @@ def test_stargan_on_two_processes_logs_what_one_process_logs(tiny_latents, tmp_p
         "--eval_interval",
         1,
         "--no-decode",
+        *("--ada_target", -0.6, "--ada_kimg", 0.1),  # with ADA: its draws and p, shared
     ]
     run("train_latent_stargan.py", *flags, "--epochs", 3, "--out_dir", a, env=ONE_THREAD)
     with_classifier(
@@ -1594,6 +1654,7 @@ def test_stargan_on_two_processes_logs_what_one_process_logs(tiny_latents, tmp_p
     assert "resume: --world_size" not in p.stdout and load_log(b)["config"]["world_size"] == 1
     ra, rb = load_log(a)["records"], load_log(b)["records"]
     assert [r["step"] for r in rb] == [4, 8, 12] and "div" in rb[0]
+    assert len({r["ada_p"] for r in ra}) > 1  # p moved
     for x, y in zip(ra, rb):
         for k, v in x.items():
             if k not in ("time", "imgs_per_sec"):
@@ -2302,6 +2363,25 @@ def test_diagnose_a_generator_that_ignores_its_source(tmp_path):
     )
 
 
+def test_diagnose_d_overfitting_and_an_augmentation_that_may_leak(tmp_path):
+    rt = [0.2, 0.3, 0.5, 0.55, 0.62, 0.7, 0.8, 0.9, 0.4, 0.7, 0.75, 0.8]
+    log = stargan_log(ada_rt=np.array(rt), ada_p=np.zeros(12))
+    out = diagnosis(tmp_path, log)  # the last 3 records above 0.6, no ADA: it suggests ADA
+    assert (
+        "D overfits: ada_rt = E[sign(D(x_ref))] stays above 0.6 (from 0.700 at epoch 10 to 0.800 "
+        "at epoch 12)" in out
+    )
+    assert "--ada_target 0.6 augments" in out
+    assert "D overfits" not in diagnosis(tmp_path, log, "--overfit_epochs", 4)  # 0.4 at epoch 9
+    assert "may leak" not in out
+    log["config"]["ada_target"] = 0.6
+    log["records"][5]["ada_p"], log["records"][6]["ada_p"] = 0.85, 0.9
+    out = diagnosis(tmp_path, log)
+    assert "ADA's p has not caught up" in out
+    assert "the augmentation may leak: ada_p reached 0.900 at epoch 7 (above 0.8)" in out
+    assert "may leak" not in diagnosis(tmp_path, log, "--leak_p", 0.95)
+
+
 def test_diagnosis_is_a_list_a_user_can_extend(tmp_path, monkeypatch):
     import plot_losses as pl
 
@@ -2313,7 +2393,7 @@ def test_diagnosis_is_a_list_a_user_can_extend(tmp_path, monkeypatch):
     meta = {"script": log["script"], "config": log["config"]}
     th = pl.build_parser().parse_args(["x"])
     assert pl.diagnose(meta, log["records"], th)[-1] == "slow run"
-    assert len(pl.FINDINGS) == 11 and all(callable(f) for f in pl.FINDINGS)
+    assert len(pl.FINDINGS) == 13 and all(callable(f) for f in pl.FINDINGS)
 
 
 def test_plot_losses_annotate_puts_findings_in_the_footer(tmp_path):
@@ -2502,6 +2582,48 @@ def vae_moves(vae_dir, n=512, images=FASHION):
         f"mirrored decode(z) {mirror:.1f} dB; decode(z shifted 1 latent pixel) against decode(z) "
         f"shifted 8 pixels {shift:.1f} dB"
     )
+
+
+def leak_check(run_dir, lat_path, vae_dir, seed=0):
+    """Whether a run's outputs come out augmented, on decoded images of shoes that all face left
+    (Fashion-MNIST as it comes): the share judged mirrored, by a judge fitted on real images and
+    their mirrors, of held-out real images and of translations by z; and the mean horizontal
+    centre of brightness (0 left, 1 right) of each. A mirror or a translation that leaks moves
+    them off the real data's."""
+    import train_latent_stargan as sg
+
+    cpu = torch.device("cpu")
+    ckpt, data = load_pt(os.path.join(run_dir, "ckpt.pt")), load_pt(lat_path)
+    cfg, scale = ckpt["config"], ckpt["config"]["latent_scale"]
+    (G, _, F_), _ = sg.run_networks(cfg, ckpt, cpu)
+    vae = sg.load_vae(vae_dir, None, cpu, torch.float32)
+    lat, labels, K = data["latents"].float() * scale, data["labels"], len(data["domains"])
+    train, held = (torch.cat(t) for t in sg.split_domains(labels, K, cfg["val_fraction"]))
+    gen = torch.Generator().manual_seed(seed)
+
+    def images(latents):
+        with torch.no_grad():
+            return torch.cat(
+                [sg.decode(vae, c, scale).mean(1, keepdim=True) for c in latents.split(256)]
+            )
+
+    fit_on = images(lat[train[torch.randperm(len(train), generator=gen)[:2000]]])
+    x = torch.cat([fit_on, fit_on.flip(-1)])
+    y = torch.arange(2).repeat_interleave(len(fit_on))
+    judge = sg.train_classifier(lambda: Judge(2), x, y, cpu, min_steps=600, seed=seed)
+    y_trg = (labels[held] + torch.randint(1, K, (len(held),), generator=gen)) % K
+    z = torch.randn(len(held), cfg["latent_dim"], generator=gen)
+    with torch.no_grad():
+        fakes = images(G(lat[held], F_(z, y_trg)))
+    real = images(lat[held])
+    out = {}
+    for name, img in (("real", real), ("fake", fakes)):
+        with torch.no_grad():
+            out[f"mirrored_{name}"] = float(judge(img)[1].argmax(1).float().mean())
+        w = (img + 1).clamp_min(0).sum((1, 2))  # brightness per column
+        centre = (w * torch.linspace(0, 1, w.shape[-1])).sum(1) / w.sum(1)
+        out[f"x_centre_{name}"] = float(centre.mean())
+    return out
 
 
 def posed_fashion(folder, classes="5,7,9", pose="mirror"):

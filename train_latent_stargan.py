@@ -60,7 +60,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 SCRIPT = "train_latent_stargan.py"
 WARMUP_STEPS = 10  # steps left out of the final throughput (torch.compile compiles in the first)
-LOG_KEYS = "d_loss g_loss g_adv sty ds cyc id struct r1 r2 d_real d_fake".split()
+LOG_KEYS = "d_loss g_loss g_adv sty ds cyc id struct r1 r2 d_real d_fake ada_rt".split()
 ADV_LOSSES = ("hinge", "nsgan", "rpgan")
 PRDC = ("precision", "recall", "density", "coverage")
 ARCH = ("style_dim", "latent_dim", "g_dim", "g_blocks", "g_down", "e_dim", "d_dim", "f_dim")
@@ -134,6 +134,15 @@ def build_parser():
                    help="weight of R2, R1 on the fakes, on R1's steps and compensated (R3GAN)")
     p.add_argument("--r1_interval", type=positive_int, default=16,
                    help="R1 every this many steps, its weight multiplied by it")
+    # ADA (StyleGAN2-ADA) in latent space: every latent D sees through one augmentation pipe
+    p.add_argument("--ada_target", type=sign_mean, default=None,
+                   help="adaptive augmentation: p rises while r_t = E[sign(D(x_ref))] is above "
+                        "this (StyleGAN2-ADA: 0.6), falls below it (default: off)")
+    p.add_argument("--ada_p", type=probability, default=None,
+                   help="a fixed augmentation probability instead (DiffAugment-style)")
+    p.add_argument("--ada_interval", type=positive_int, default=4, help="steps between p's moves")
+    p.add_argument("--ada_kimg", type=positive_float, default=500,
+                   help="thousands of latents for p to move from 0 to 1 (small runs need less)")
     # schedule and optimizers
     p.add_argument("--epochs", type=positive_int, default=100, help="epochs")
     p.add_argument("--epoch_size", type=positive_int, default=6144,
@@ -206,6 +215,8 @@ def parse_config(argv=None):
             check_resume(cfg, ckpt, FIXED, SYSTEM)
     if cfg["g_blocks"] % 2:
         die(f"--g_blocks must be even (half encoder, half decoder), got {cfg['g_blocks']}")
+    if cfg["ada_target"] is not None and cfg["ada_p"] is not None:
+        die("--ada_target adapts p and --ada_p fixes it: give one of them")
     if cfg["epoch_size"] < cfg["batch_size"]:
         die(
             f"--epoch_size counts samples: {cfg['epoch_size']} is less than one batch of "
@@ -269,6 +280,14 @@ def nonneg_float(text):
 
 def unit_float(text):
     return check(text, float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def probability(text):
+    return check(text, float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def sign_mean(text):
+    return check(text, float, lambda v: -1 <= v <= 1, "in [-1, 1]")
 
 
 def parse_flags(parser, argv):
@@ -742,6 +761,78 @@ def view(x, theta):
     the border repeated. A mirror or a whole-pixel shift alone moves pixels exactly."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False).to(x.dtype)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class AdaptiveAugment:
+    """ADA (StyleGAN2-ADA, Karras et al. 2020) on latents. Every latent D sees goes through one
+    pipe of geometric ops, each applied per latent with probability p: a left-right mirror, an
+    integer translation by up to 1/8 of the width and height (the border repeated), and a cutout
+    of a square half the latent's side. A latent is not an image, so no colour op; these move or
+    hide latent pixels, which means the same in every channel. Every --ada_interval steps p moves
+    by sign(r_t - ada_target) * batch * interval / (ada_kimg * 1000), clamped to [0, 1], where
+    r_t = E[sign(D(x_ref))] over those steps (the ranks' mean under torchrun); --ada_p fixes p.
+    Its draws come from its own generator, so the run's other draws are those of a run without
+    it, and p = 0 computes what that run computes. p, r_t's sum and the generator are state."""
+
+    def __init__(self, cfg, device, state=None):
+        self.target, self.interval = cfg["ada_target"], cfg["ada_interval"]
+        self.speed = cfg["batch_size"] * cfg["ada_interval"] / (cfg["ada_kimg"] * 1000)
+        self.gen = torch.Generator(device).manual_seed(cfg["seed"])
+        self.p = torch.tensor(float(cfg["ada_p"] or 0.0), device=device)
+        self.rt_sum = torch.zeros((), device=device)
+        if state is not None:
+            self.p.fill_(state["p"]), self.rt_sum.fill_(state["rt_sum"])
+            self.gen.set_state(state["gen"])
+
+    def draw(self, n, size):
+        """The pipe's draws for n latents of size (H, W): the rows and columns each output pixel
+        reads ((n, H), (n, W): a mirror and a translation, the border repeated) and the cutout
+        masks (n, 1, H, W). Every draw is made whatever p, so the stream does not depend on p."""
+        (H, W), g, dev = size, self.gen, self.p.device
+        on = torch.rand(3, n, generator=g, device=dev) < self.p  # per op, per latent
+        reads = []
+        for side in (H, W):
+            k = max(1, round(side / 8))
+            shift = torch.randint(-k, k + 1, (n, 1), generator=g, device=dev) * on[1, :, None]
+            reads.append((torch.arange(side, device=dev) - shift).clamp(0, side - 1))
+        rows, cols = reads
+        cols = torch.where(on[0, :, None], W - 1 - cols, cols)  # the mirror
+        centre = torch.rand(2, n, 1, 1, generator=g, device=dev)
+        xs, ys = ((torch.arange(m, device=dev) + 0.5) / m for m in (W, H))
+        cut = ((xs.view(1, 1, W) - centre[0]).abs() < 0.25) & (
+            (ys.view(1, H, 1) - centre[1]).abs() < 0.25
+        )
+        return rows, cols, (~(cut & on[2].view(n, 1, 1))).float()[:, None]
+
+    def step(self, sign_mean, step):
+        """After a step: add its mean sign(D(x_ref)); every interval steps, move p (adaptive)."""
+        self.rt_sum += sign_mean
+        if step % self.interval == 0:
+            self.share()
+            if self.target is not None:
+                move = torch.sign(self.rt_sum / self.interval - self.target) * self.speed
+                self.p.copy_((self.p + move).clamp(0, 1))
+            self.rt_sum.zero_()
+
+    def share(self):
+        """Under torchrun, every rank's r_t sum so far becomes the ranks' mean (the checkpoint
+        saves rank 0's), which leaves the mean every interval takes as it was."""
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.rt_sum, op=torch.distributed.ReduceOp.AVG)
+
+    def state(self):
+        return {"p": float(self.p), "rt_sum": float(self.rt_sum), "gen": self.gen.get_state()}
+
+
+def augment(x, pipe):
+    """Latents (n, C, H, W) through the ADA pipe's draws (rows, cols, masks) for them: every
+    output pixel a copy of one input pixel, or 0 under a cutout, so p = 0 gives x exactly, and
+    the gradient flows back the same way."""
+    if pipe is None:
+        return x
+    rows, cols, mask = pipe
+    n = torch.arange(len(x), device=x.device)[:, None, None]
+    return x[n, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous() * mask
 
 
 # -----------------------------------------------------------------------------
@@ -1268,14 +1359,16 @@ def build_models(cfg, shape, n_domains, device, ptdtype=torch.float32):
 
 
 def train_step(cfg, nets, modules, batch, step, lam, ctx):
-    """One step on this rank's slice of the batch: (content, y_src, y_trg, x_ref, z_trg, z_2).
+    """One step on this rank's slice of the batch: (content, y_src, y_trg, x_ref, z_trg, z_2,
+    E's views, the ADA pipe's draws for D's step and for G's step; each of the last three None
+    when off).
     nets: the G, E, F and D the step calls (compiled with --compile); R1's and R2's double
     backward goes through the raw D in modules (a compiled graph has none). Returns the tensors
     LOG_KEYS names: nothing is read back (no sync)."""
     G, E, Fm, D = nets
     opt_G, opt_D = modules["opt_G"], modules["opt_D"]
     scaler_G, scaler_D = modules["scaler_G"], modules["scaler_D"]
-    content, y_src, y_trg, x_ref, z_trg, z_2, views = batch
+    content, y_src, y_trg, x_ref, z_trg, z_2, views, pipe_d, pipe_g = batch
     zero, kind = content.new_zeros(()), cfg["adv_loss"]
     # styles and fakes, once, before D's update. Calls are batched along dim 0: G, E and D have
     # no batch-dependent layer (instance norm is per sample), so this computes what separate
@@ -1295,23 +1388,24 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx):
     # D step: the adversarial loss on both paths, averaged; R1 every r1_interval steps,
     # interval-compensated
     with ctx:
-        d_in = torch.cat([x_ref, fake_ref.detach(), fake_lat.detach()])
+        d_in = augment(torch.cat([x_ref, fake_ref.detach(), fake_lat.detach()]), pipe_d)
         real_logits, fr_logits, fl_logits = D(d_in, y_trg.repeat(3)).float().chunk(3)
     d_loss = 0.5 * (
         d_adv_loss(kind, real_logits, fr_logits) + d_adv_loss(kind, real_logits, fl_logits)
     )
     r1 = r2 = zero
     D_raw = modules["D"]
+    # R1 and R2 at the latents D saw (after ADA's pipe: for a mirror or a translation the same
+    # penalty as through it, but for the border), autocast off, float32 (seed 001)
+    real_seen, fakes_seen = d_in.detach().float().split([len(x_ref), 2 * len(x_ref)])
     if step % cfg["r1_interval"] == 0 and cfg["w_r2"] > 0:  # R1 and R2: one double backward
-        fakes = torch.cat([fake_ref, fake_lat]).detach().float()
         with torch.autocast(device_type=content.device.type, enabled=False):
-            r1, r2 = r1_r2_penalty(lambda x: D_raw(x, y_trg.repeat(3)), x_ref.float(), fakes)
+            r1, r2 = r1_r2_penalty(lambda x: D_raw(x, y_trg.repeat(3)), real_seen, fakes_seen)
         d_loss = d_loss + cfg["r1_interval"] * (cfg["w_r1"] * r1 + cfg["w_r2"] * r2)
     elif step % cfg["r1_interval"] == 0 and cfg["w_r1"] > 0:
-        x_ref_r1 = x_ref.detach().requires_grad_(True)
-        # seed 001: autocast off, float32
+        x_ref_r1 = real_seen.requires_grad_(True)
         with torch.autocast(device_type=content.device.type, enabled=False):
-            r1 = r1_penalty(D_raw(x_ref_r1.float(), y_trg), x_ref_r1)
+            r1 = r1_penalty(D_raw(x_ref_r1, y_trg), x_ref_r1)
         d_loss = d_loss + (cfg["w_r1"] * cfg["r1_interval"]) * r1
     opt_D.zero_grad(set_to_none=True)
     scaler_D.scale(d_loss).backward()
@@ -1323,10 +1417,12 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx):
     with ctx:
         y2 = y_trg.repeat(2)
         if kind == "rpgan":  # each fake against the real reference of its row: its logit too
-            d_in = torch.cat([fake_ref, fake_lat, x_ref])
+            d_in = augment(torch.cat([fake_ref, fake_lat, x_ref]), pipe_g)
             adv_ref, adv_lat, real_g = D(d_in, y_trg.repeat(3)).float().chunk(3)
         else:
-            adv_ref, adv_lat = D(torch.cat([fake_ref, fake_lat]), y2).float().chunk(2)
+            fakes_pipe = None if pipe_g is None else [t[: 2 * len(x_ref)] for t in pipe_g]
+            d_in = augment(torch.cat([fake_ref, fake_lat]), fakes_pipe)
+            adv_ref, adv_lat = D(d_in, y2).float().chunk(2)
             real_g = None
         g_adv = g_adv_loss(kind, adv_ref, real_g) + g_adv_loss(kind, adv_lat, real_g)
         s_ref_hat, s_lat_hat = E(torch.cat([fake_ref, fake_lat]), y2).float().chunk(2)
@@ -1352,6 +1448,7 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx):
     scaler_G.update()
     d_fake = torch.cat([fr_logits, fl_logits]).mean()
     values = [d_loss, g_loss, g_adv, sty, ds, cyc, idl, struct, r1, r2, real_logits.mean(), d_fake]
+    values.append(real_logits.sign().mean())  # ada_rt: this step's share of E[sign(D(x_ref))]
     return [v.detach() for v in values]
 
 
@@ -1823,6 +1920,9 @@ def main(argv=None):
     evaluator = TranslationEvaluator(cfg, meta, latents, labels, train_sorted, val_idx, ctx)
     shown = emas if cfg["ema"] > 0 else nets  # the networks samples and evaluation use
     meter = Meter(LOG_KEYS, cfg["log_interval"], device, sums)
+    ada = None  # ADA: on with --ada_target or --ada_p, its state in the checkpoint
+    if cfg["ada_target"] is not None or cfg["ada_p"] is not None:
+        ada = AdaptiveAugment(cfg, device, ckpt.get("ada") if ckpt is not None else None)
     ctrl_c = CtrlC()
 
     if main_rank:
@@ -1857,11 +1957,18 @@ def main(argv=None):
             )
             views = torch.cat([views[:B][mine], views[B:][mine]])
         batch = (latents[idx[mine]], y_src[mine], y_trg[mine], latents[ref[mine]])
-        batch += (z_trg[mine], z_2[mine], views)
-        meter.push(step, train_step(cfg, (G_c, E_c, F_c, D_c), modules, batch, step, lam, ctx))
+        pipes = [None, None]
+        if ada is not None:  # ADA's draws for what D sees (x_ref and both fakes), in each step
+            draws = (ada.draw(3 * B, (H, W)) for _ in range(2))
+            pipes = [[torch.cat([c[mine] for c in t.chunk(3)]) for t in d] for d in draws]
+        batch += (z_trg[mine], z_2[mine], views, *pipes)
+        values = train_step(cfg, (G_c, E_c, F_c, D_c), modules, batch, step, lam, ctx)
+        meter.push(step, values)
         if cfg["ema"] > 0:
             update_ema(ema_pairs, step, cfg["ema"])
         step += 1
+        if ada is not None:
+            ada.step(values[-1], step)
         profiler(step)
 
         # -------------------------------------------------------------------------------------
@@ -1896,6 +2003,7 @@ def main(argv=None):
             if main_rank:  # rank 0 alone writes files and evaluates; the others wait for it
                 epoch_start = (epoch - 1) * steps_per_epoch
                 record = {"epoch": epoch, "step": step, "lambda_ds": lam}
+                record["ada_p"] = float(ada.p) if ada is not None else 0.0
                 record.update({k: v / (step - epoch_start) for k, v in zip(LOG_KEYS, meter.sums)})
                 imgs = (step - max(epoch_start, start_step)) * B
                 record["imgs_per_sec"] = imgs / max(t0 - t_epoch, 1e-9)
@@ -1917,9 +2025,12 @@ def main(argv=None):
                 evaluation_mode(nets, False)
             if end_of_epoch:
                 epoch, meter.sums = epoch + 1, None
+            if ada is not None:
+                ada.share()
             if main_rank:
                 run = dict(step=step, epoch=epoch, elapsed=elapsed + time.perf_counter() - t_start)
                 run.update(sums=meter.sums, data_meta=data_meta)
+                run["ada"] = ada.state() if ada is not None else None
                 save_torch_atomic(checkpoint(cfg, run, modules, device), ckpt_path)
             if world > 1:
                 torch.distributed.barrier()
