@@ -824,6 +824,12 @@ class AdaptiveAugment:
         return {"p": float(self.p), "rt_sum": float(self.rt_sum), "gen": self.gen.get_state()}
 
 
+def rank_rows(t, parts, mine):
+    """Draws t made for `parts` global batches stacked (each row of t, one latent's), as this
+    rank's rows: its slice `mine` of each part, the parts in order (torchrun; else all of t)."""
+    return torch.cat([c[mine] for c in t.chunk(parts)])
+
+
 def augment(x, pipe):
     """Latents (n, C, H, W) through the ADA pipe's draws (rows, cols, masks) for them: every
     output pixel a copy of one input pixel, or 0 under a cutout, so p = 0 gives x exactly, and
@@ -1955,12 +1961,12 @@ def main(argv=None):
             views = random_views(
                 2 * B, cfg["e_flip"], cfg["e_shift"], cfg["e_zoom"], (H, W), device
             )
-            views = torch.cat([views[:B][mine], views[B:][mine]])
+            views = rank_rows(views, 2, mine)
         batch = (latents[idx[mine]], y_src[mine], y_trg[mine], latents[ref[mine]])
         pipes = [None, None]
         if ada is not None:  # ADA's draws for what D sees (x_ref and both fakes), in each step
             draws = (ada.draw(3 * B, (H, W)) for _ in range(2))
-            pipes = [[torch.cat([c[mine] for c in t.chunk(3)]) for t in d] for d in draws]
+            pipes = [[rank_rows(t, 3, mine) for t in d] for d in draws]
         batch += (z_trg[mine], z_2[mine], views, *pipes)
         values = train_step(cfg, (G_c, E_c, F_c, D_c), modules, batch, step, lam, ctx)
         meter.push(step, values)
