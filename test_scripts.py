@@ -1339,6 +1339,22 @@ def test_stargan_resume_refuses_what_it_cannot_continue(tiny_latents, tmp_path):
         )
 
 
+def test_stargan_resumes_a_checkpoint_from_before_a_flag_as_it_ran(tiny_latents, tmp_path):
+    import train_latent_stargan as sg
+
+    out = str(tmp_path / "s")
+    stargan_call(tiny_latents, out, "--epochs", 1, "--no-decode")
+    path = os.path.join(out, "ckpt.pt")
+    ckpt = load_pt(path)
+    for k in sg.BEFORE:  # a run from before E's views: it resumes without them
+        del ckpt["config"][k]
+    torch.save(ckpt, path)
+    p = call("train_latent_stargan.py", "--resume", "--out_dir", out, "--epochs", 2)
+    assert p.returncode == 0, p.stderr
+    cfg = load_log(out)["config"]
+    assert {k: cfg[k] for k in sg.BEFORE} == sg.BEFORE == dict(e_flip=0, e_shift=0, e_zoom=0)
+
+
 def test_stargan_without_a_vae_saves_latent_mosaics(tiny_latents, tmp_path):
     d = load_pt(tiny_latents)
     d["vae"] = str(tmp_path / "gone")  # the VAE the file names is not here

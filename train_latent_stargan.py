@@ -68,6 +68,8 @@ ARCH = ("style_dim", "latent_dim", "g_dim", "g_blocks", "g_down", "e_dim", "d_di
 FIXED = ARCH + ("f_shared", "batch_size", "epoch_size", "val_fraction", "adv_loss")
 # this machine's and this call's, not the checkpoint's
 SYSTEM = ("device", "dtype", "compile", "profile", "world_size")
+# a checkpoint from before these flags ran as they say: it resumes so
+BEFORE = dict(e_flip=0.0, e_shift=0.0, e_zoom=0.0)
 TRANSLATE = ("translate", "ref", "target", "n_styles", "result_dir", "vae", "resume")
 
 # -----------------------------------------------------------------------------
@@ -210,7 +212,7 @@ def parse_config(argv=None):
         ckpt = load_checkpoint(cfg["out_dir"], "--translate" if cfg["translate"] else "--resume")
     if ckpt is not None:  # the flags not typed take the checkpoint's values
         kept = {k: v for k, v in ckpt["config"].items() if k not in SYSTEM + TRANSLATE}
-        cfg = {**cfg, **kept, **{k: cfg[k] for k in typed}}
+        cfg = {**cfg, **BEFORE, **kept, **{k: cfg[k] for k in typed}}
         if cfg["resume"] and not cfg["translate"]:
             check_resume(cfg, ckpt, FIXED, SYSTEM)
     if cfg["g_blocks"] % 2:
