@@ -1104,7 +1104,10 @@ def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
     progress = [line for line in p.stdout.splitlines() if line.startswith("epoch ")]
     assert len(progress) == 6 and "| this run: 12 steps, about " in progress[0]  # every 2 steps
     assert "this run" not in progress[1] and "+ 2 evaluations (not timed yet)" in progress[1]
-    assert re.search(r"\| eta \d+s \+ 1 evaluation \(~\d+s\)$", progress[-2])  # epoch 3's
+    # epoch 3's: the steps left and one evaluation, each as duration() writes it (1m03s on a
+    # loaded machine)
+    span = r"(\d+h\d\dm|\d+m\d\ds|\d+s)"
+    assert re.search(rf"\| eta {span} \+ 1 evaluation \(~{span}\)$", progress[-2]), progress[-2]
     log = load_log(out)
     assert log["script"] == "train_latent_stargan.py"
     for k in (
