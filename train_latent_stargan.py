@@ -68,7 +68,8 @@ ARCH = ("style_dim", "latent_dim", "g_dim", "g_blocks", "g_down", "e_dim", "d_di
 FIXED = ARCH + ("f_shared", "batch_size", "epoch_size", "val_fraction", "adv_loss")
 # this machine's and this call's, not the checkpoint's
 SYSTEM = ("device", "dtype", "compile", "profile", "world_size")
-# a checkpoint from before these flags ran as they say: it resumes so
+# flags a checkpoint may be older than, at the values it ran with: a resumed run whose config lacks
+# one keeps running as it did, not at today's default
 BEFORE = dict(e_flip=0.0, e_shift=0.0, e_zoom=0.0)
 TRANSLATE = ("translate", "ref", "target", "n_styles", "result_dir", "vae", "resume")
 
