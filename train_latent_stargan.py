@@ -1367,6 +1367,58 @@ def build_models(cfg, shape, n_domains, device, ptdtype=torch.float32):
     return modules
 
 
+def load_data(cfg, device, main_rank):
+    """The latents file, every latent on the device, scaled once, and its split: (meta, latents,
+    labels, the training indices grouped by domain, the held-out ones, draw_batch's pool). Sets
+    cfg["g_down"], so the log and the checkpoint say what the default chose."""
+    try:
+        meta = load_latents(cfg["data"])
+    except ValueError as e:
+        die(str(e))
+    factor = float(meta.get("scaling_factor", cfg["latent_scale"]))
+    if abs(cfg["latent_scale"] - factor) > 1e-6 and main_rank:
+        print(
+            f"warning: --latent_scale {cfg['latent_scale']} differs from the scaling_factor "
+            f"{factor} of the VAE that made {cfg['data']}",
+            file=sys.stderr,
+        )
+    latents = meta["latents"].float().mul_(cfg["latent_scale"]).to(device)
+    labels = meta["labels"].long().to(device)
+    cfg["g_down"] = g_down(cfg, latents.shape[2])
+    train_idx, val_idx = split_domains(meta["labels"], len(meta["domains"]), cfg["val_fraction"])
+    dom_count = torch.tensor([len(t) for t in train_idx], device=device)
+    dom_start = torch.cumsum(dom_count, 0) - dom_count
+    train_sorted = torch.cat(train_idx).to(device)  # grouped by domain: x_ref is drawn from a group
+    pool = (latents, labels, train_sorted, dom_count, dom_start)
+    return meta, latents, labels, train_sorted, torch.cat(val_idx).to(device), pool
+
+
+def draw_batch(cfg, pool, mine, ada):
+    """One step's global batch, drawn alike on every rank (seed 001's step): sources, their
+    domains, a target domain for each (uniform over the others), a reference of that domain, two
+    z, E's views and ADA's draws. Returns this rank's slice, `mine`, as train_step takes it.
+    pool: latents, labels, the training indices grouped by domain, each group's size and start."""
+    latents, labels, train_sorted, dom_count, dom_start = pool
+    B, K, (H, W), device = cfg["batch_size"], len(dom_count), latents.shape[2:], latents.device
+    idx = train_sorted[torch.randint(len(train_sorted), (B,), device=device)]
+    y_src = labels[idx]
+    y_trg = (y_src + torch.randint(1, K, (B,), device=device)) % K  # uniform over the others
+    n_trg = dom_count[y_trg]
+    pick = (torch.rand(B, device=device) * n_trg).long().clamp_max(n_trg - 1)
+    ref = train_sorted[dom_start[y_trg] + pick]  # a reference of the target domain
+    z_trg, z_2 = torch.randn(2, B, cfg["latent_dim"], device=device)
+    views = None  # E's views of x_ref (first B) and content (next B); none when all are 0
+    if cfg["e_flip"] or cfg["e_shift"] or cfg["e_zoom"]:
+        views = random_views(2 * B, cfg["e_flip"], cfg["e_shift"], cfg["e_zoom"], (H, W), device)
+        views = rank_rows(views, 2, mine)
+    pipes = [None, None]
+    if ada is not None:  # ADA's draws for what D sees (x_ref and both fakes), in each step
+        draws = (ada.draw(3 * B, (H, W)) for _ in range(2))
+        pipes = [[rank_rows(t, 3, mine) for t in d] for d in draws]
+    batch = (latents[idx[mine]], y_src[mine], y_trg[mine], latents[ref[mine]])
+    return batch + (z_trg[mine], z_2[mine], views, *pipes)
+
+
 def train_step(cfg, nets, modules, batch, step, lam, ctx):
     """One step on this rank's slice of the batch: (content, y_src, y_trg, x_ref, z_trg, z_2,
     E's views, the ADA pipe's draws for D's step and for G's step; each of the last three None
@@ -1875,29 +1927,10 @@ def main(argv=None):
     log_path, ckpt_path = os.path.join(out_dir, "log.json"), os.path.join(out_dir, "ckpt.pt")
 
     # data: every latent on the device, scaled once (seed 001: content * latent_scale, x_ref too)
-    try:
-        meta = load_latents(cfg["data"])
-    except ValueError as e:
-        die(str(e))
-    factor = float(meta.get("scaling_factor", cfg["latent_scale"]))
-    if abs(cfg["latent_scale"] - factor) > 1e-6 and main_rank:
-        print(
-            f"warning: --latent_scale {cfg['latent_scale']} differs from the scaling_factor "
-            f"{factor} of the VAE that made {cfg['data']}",
-            file=sys.stderr,
-        )
-    domains, K = list(meta["domains"]), len(meta["domains"])
+    meta, latents, labels, train_sorted, val_idx, pool = load_data(cfg, device, main_rank)
+    domains, K, (C, H, W) = list(meta["domains"]), len(meta["domains"]), latents.shape[1:]
     data_meta = {k: meta.get(k) for k in ("vae", "subfolder", "image_size")}  # for --translate
-    data_meta.update(domains=domains, latent_shape=list(meta["latents"].shape[1:]))
-    latents = meta["latents"].float().mul_(cfg["latent_scale"]).to(device)
-    labels = meta["labels"].long().to(device)
-    C, H, W = latents.shape[1:]
-    cfg["g_down"] = g_down(cfg, H)  # the log and the checkpoint say what the default chose
-    train_idx, val_idx = split_domains(meta["labels"], K, cfg["val_fraction"])
-    dom_count = torch.tensor([len(t) for t in train_idx], device=device)
-    dom_start = torch.cumsum(dom_count, 0) - dom_count
-    train_sorted = torch.cat(train_idx).to(device)  # grouped by domain: x_ref is drawn from a group
-    val_idx = torch.cat(val_idx).to(device)
+    data_meta.update(domains=domains, latent_shape=[C, H, W])
     n_train, steps_per_epoch = len(train_sorted), cfg["epoch_size"] // B
 
     # model init, the EMA copies of G, E and F for samples and evaluation, the optimizers
@@ -1951,26 +1984,7 @@ def main(argv=None):
         # -------------------------------------------------------------------------------------
         # one training step (seed 001)
         lam = lambda_ds(epoch, cfg["w_ds"], cfg["ds_decay_epochs"])
-        idx = train_sorted[torch.randint(n_train, (B,), device=device)]
-        y_src = labels[idx]
-        y_trg = (y_src + torch.randint(1, K, (B,), device=device)) % K  # uniform over the others
-        n_trg = dom_count[y_trg]
-        pick = (torch.rand(B, device=device) * n_trg).long().clamp_max(n_trg - 1)
-        ref = train_sorted[dom_start[y_trg] + pick]  # a reference of the target domain
-        z_trg, z_2 = torch.randn(2, B, cfg["latent_dim"], device=device)
-        # the global batch is drawn alike on every rank; this rank computes its slice
-        views = None  # E's views of x_ref (first B) and content (next B); none when all are 0
-        if cfg["e_flip"] or cfg["e_shift"] or cfg["e_zoom"]:
-            views = random_views(
-                2 * B, cfg["e_flip"], cfg["e_shift"], cfg["e_zoom"], (H, W), device
-            )
-            views = rank_rows(views, 2, mine)
-        batch = (latents[idx[mine]], y_src[mine], y_trg[mine], latents[ref[mine]])
-        pipes = [None, None]
-        if ada is not None:  # ADA's draws for what D sees (x_ref and both fakes), in each step
-            draws = (ada.draw(3 * B, (H, W)) for _ in range(2))
-            pipes = [[rank_rows(t, 3, mine) for t in d] for d in draws]
-        batch += (z_trg[mine], z_2[mine], views, *pipes)
+        batch = draw_batch(cfg, pool, mine, ada)
         values = train_step(cfg, (G_c, E_c, F_c, D_c), modules, batch, step, lam, ctx)
         meter.push(step, values)
         if cfg["ema"] > 0:
