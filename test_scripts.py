@@ -1944,7 +1944,8 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0):
     of translations by reference that keep their source's pose, over the pairs whose reference
     is posed the other way; pose_ref_follows_ref: the share that take the reference's instead;
     pose_lat: the same by z, over all pairs; class_ref, class_lat: the share judged to be of the
-    target domain}."""
+    target domain; class_ref_moved: class_ref with each reference's style moved by the target
+    domain's mean F style less its mean E style (of held-out latents), a diagnosis}."""
     import train_latent_stargan as sg
 
     cpu = torch.device("cpu")
@@ -1995,6 +1996,14 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0):
     out["pose_lat"] = float((pose_z == pose[src]).float().mean())
     out["class_ref"] = float((judged(class_judge, img_ref) == y_trg).float().mean())
     out["class_lat"] = float((judged(class_judge, img_z) == y_trg).float().mean())
+    # the reference path in F's region of style space (README: "Where it falls short")
+    y_held, z_mean = labels[held], torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        s_e = E(lat[held], y_held)
+        s_f = F_(torch.randn(len(held), cfg["latent_dim"], generator=z_mean), y_held)
+        move = torch.stack([(s_f - s_e)[y_held == d].mean(0) for d in range(K)])
+        moved = images(G(lat[src], E(lat[ref], y_trg) + move[y_trg]))
+    out["class_ref_moved"] = float((judged(class_judge, moved) == y_trg).float().mean())
     return out
 
 
