@@ -1098,7 +1098,7 @@ def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
         tiny_latents,
         out,
         *"--epochs 3 --ds_decay_epochs 2 --r1_interval 2 --log_interval 2".split(),
-        *"--w_sty 0.5 --w_cyc 2 --w_struct 0.5 --eval_interval 2".split(),
+        *"--w_sty 0.5 --w_cyc 2 --w_struct 0.5 --id_decay_epochs 2 --eval_interval 2".split(),
     )
     assert "0, 1, 2: 54 training and 6 held-out latents 4x4x4, 4 steps/epoch" in p.stdout
     progress = [line for line in p.stdout.splitlines() if line.startswith("epoch ")]
@@ -1118,6 +1118,7 @@ def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
         "ds_margin",
         "w_cyc",
         "w_id",
+        "id_decay_epochs",
         "w_struct",
         "w_r1",
         "r1_interval",
@@ -1145,13 +1146,13 @@ def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
         keys = STARGAN_KEYS | evaluated.get(r["epoch"], set())
         assert set(r) == keys, set(r) ^ keys
         assert all(np.isfinite(v) for v in r.values())
-        # g_loss is the weighted sum seed 001 writes; lambda_ds is constant in an epoch, so the
-        # means obey it too
+        # g_loss is the weighted sum seed 001 writes; lambda_ds and id's weight (falling as
+        # lambda_ds does, over --id_decay_epochs 2) are constant in an epoch, so the means obey it
         expect = (
             cfg["w_adv"] * r["g_adv"]
             + cfg["w_sty"] * r["sty"]
             + cfg["w_cyc"] * r["cyc"]
-            + cfg["w_id"] * r["id"]
+            + cfg["w_id"] * r["lambda_ds"] * r["id"]
             + cfg["w_struct"] * r["struct"]
             - r["lambda_ds"] * r["ds"]
         )
@@ -1996,7 +1997,7 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0):
     out["pose_lat"] = float((pose_z == pose[src]).float().mean())
     out["class_ref"] = float((judged(class_judge, img_ref) == y_trg).float().mean())
     out["class_lat"] = float((judged(class_judge, img_z) == y_trg).float().mean())
-    # the reference path in F's region of style space (README: "Where it falls short")
+    # the reference path in F's region of style space (README: "The short run's recipe")
     y_held, z_mean = labels[held], torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         s_e = E(lat[held], y_held)
@@ -2011,9 +2012,11 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0):
 # classes and any pose of posed() run the same test (README: "A translator keeps its source").
 POSE_CASE = ((5, 7, 9), "mirror")
 POSE_VAE_STEPS = 200
+# the small model of the README's results, 1,280 steps, with the short run's recipe: twice the
+# learning rate, and id's weight falling as lambda_ds does (README: "A translator keeps its source")
 LEARN = (
     "--g_dim 64 --e_dim 32 --d_dim 32 --f_dim 128 --batch_size 16 --epoch_size 1024 --epochs 20 "
-    "--ds_decay_epochs 10 --eval_interval 5 --no-decode"
+    "--ds_decay_epochs 10 --lr 2e-4 --id_decay_epochs 10 --eval_interval 5 --no-decode"
 ).split()
 
 
@@ -2039,19 +2042,18 @@ def test_stargan_translates_keeping_the_pose_on_fashion_mnist(tmp_path):
     # the evaluation's figures, in the log: the target domain, diversity, content
     first, last = evals[0], evals[-1]
     assert [r["epoch"] for r in evals] == [5, 10, 15, 20]
-    assert (last["acc_ref"] + last["acc_lat"]) / 2 >= 0.8, last  # 0.92, 0.88, 0.91 (seeds 0-2)
+    assert last["acc_ref"] >= 0.8 and last["acc_lat"] >= 0.8, last  # 0.92 / 0.95 (seed 0)
     assert last["fd_mean"] <= 0.5 * first["fd_mean"], (first["fd_mean"], last["fd_mean"])
     # diverse: one source under different z differs by a real share of what real latents of a
     # domain differ by (the bug this guards against: div 0.001 against div_real 0.72)
     assert last["div"] >= 0.25 * first["div_real"], (last["div"], first["div_real"])
     # judged on decoded images: each translation keeps its source's pose, by reference (where
-    # the reference is posed the other way) and by z, and lands in the target domain
+    # the reference is posed the other way) and by z, and lands in the target domain, by each
+    # path alone. Seeds 0, 1, 2: pose by reference 0.98, 0.99, 0.99, by z 0.98, 0.98, 0.97;
+    # class by reference 0.87, 0.84, 0.88, by z 0.92, 0.94, 0.88
     assert judged["pose_judge"] >= 0.95 and judged["class_judge"] >= 0.85, judged  # judges work
     assert judged["pose_ref"] >= 0.9 and judged["pose_lat"] >= 0.9, judged
-    # the target domain, over all translations (by reference and by z alike, as many of each).
-    # Measured (seeds 0, 1, 2): 0.87, 0.83, 0.83; by reference alone 0.81, 0.75, 0.73, by z
-    # 0.94, 0.91, 0.93 (README: "A translator keeps its source")
-    assert (judged["class_ref"] + judged["class_lat"]) / 2 >= 0.8, judged
+    assert judged["class_ref"] >= 0.8 and judged["class_lat"] >= 0.8, judged
     # and the label-free content measure sees it
     assert last["content_ref"] >= 0.4 and last["content_lat"] >= 0.4, last
 

@@ -26,7 +26,8 @@ One step (seed 001). content, x_ref = latents * latent_scale; y_trg uniform, nev
       sty = L1(E(fake_ref), s_ref) + L1(E(fake_lat), s_lat)
       ds = L1(G(content, F(z_1)), G(content, F(z_2))), clamped at ds_margin
       cyc = L1(G(fake_ref, s_src), content) + L1(G(fake_lat, s_src), content), s_src = E(content)
-      id = L1(G(content, s_src), content) when w_id > 0, else logged as 0
+      id = L1(G(content, s_src), content) when w_id > 0, else logged as 0; with
+      --id_decay_epochs N, w_id falls as lambda_ds does over N epochs (default 0: constant)
   lambda_ds(epoch) = w_ds * (1 - clamp((epoch - 1) / ds_decay_epochs, 0, 1)): w_ds at epoch 1,
       0 from epoch ds_decay_epochs + 1.
 Every loss is computed on the scaled latents. G, E and F are updated together; D separately.
@@ -126,6 +127,9 @@ def build_parser():
                    help="weight of cyc, cycle consistency (raise it if content breaks)")
     p.add_argument("--w_id", type=nonneg_float, default=1.0,
                    help="weight of id, identity (0 skips the term and logs it as 0)")
+    p.add_argument("--id_decay_epochs", type=nonneg_int, default=0,
+                   help="id's weight falls from w_id at epoch 1 to 0 at epoch id_decay_epochs+1, "
+                        "as lambda_ds does (0: constant, seed 001's)")
     p.add_argument("--w_struct", type=nonneg_float, default=0.0,
                    help="weight of struct, each translation's layout (its latent's self-"
                         "similarity) against its source's (0: seed 001's losses exactly)")
@@ -1419,13 +1423,14 @@ def draw_batch(cfg, pool, mine, ada):
     return batch + (z_trg[mine], z_2[mine], views, *pipes)
 
 
-def train_step(cfg, nets, modules, batch, step, lam, ctx):
+def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
     """One step on this rank's slice of the batch: (content, y_src, y_trg, x_ref, z_trg, z_2,
     E's views, the ADA pipe's draws for D's step and for G's step; each of the last three None
     when off).
     nets: the G, E, F and D the step calls (compiled with --compile); R1's and R2's double
     backward goes through the raw D in modules (a compiled graph has none). Returns the tensors
-    LOG_KEYS names: nothing is read back (no sync)."""
+    LOG_KEYS names: nothing is read back (no sync). lam: lambda_ds now; w_id: id's weight now
+    (--id_decay_epochs), cfg's w_id when None."""
     G, E, Fm, D = nets
     opt_G, opt_D = modules["opt_G"], modules["opt_D"]
     scaler_G, scaler_D = modules["scaler_G"], modules["scaler_D"]
@@ -1495,7 +1500,8 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx):
         cyc = cycle_consistency_loss(outs[0], content) + cycle_consistency_loss(outs[1], content)
         idl = identity_loss(outs[2], content) if cfg["w_id"] > 0 else zero
     g_loss = cfg["w_adv"] * g_adv + cfg["w_sty"] * sty + cfg["w_cyc"] * cyc
-    g_loss = g_loss + cfg["w_id"] * idl - lam * ds
+    w_id = cfg["w_id"] if w_id is None else w_id
+    g_loss = g_loss + w_id * idl - lam * ds
     struct = zero
     if cfg["w_struct"] > 0:  # both translations' layouts against their source's
         fakes = torch.cat([fake_ref, fake_lat]).float()
@@ -1984,8 +1990,9 @@ def main(argv=None):
         # -------------------------------------------------------------------------------------
         # one training step (seed 001)
         lam = lambda_ds(epoch, cfg["w_ds"], cfg["ds_decay_epochs"])
+        w_id = lambda_ds(epoch, cfg["w_id"], cfg["id_decay_epochs"])  # the same schedule
         batch = draw_batch(cfg, pool, mine, ada)
-        values = train_step(cfg, (G_c, E_c, F_c, D_c), modules, batch, step, lam, ctx)
+        values = train_step(cfg, (G_c, E_c, F_c, D_c), modules, batch, step, lam, ctx, w_id)
         meter.push(step, values)
         if cfg["ema"] > 0:
             update_ema(ema_pairs, step, cfg["ema"])
