@@ -1372,9 +1372,10 @@ def build_models(cfg, shape, n_domains, device, ptdtype=torch.float32):
 
 
 def load_data(cfg, device, main_rank):
-    """The latents file, every latent on the device, scaled once, and its split: (meta, latents,
-    labels, the training indices grouped by domain, the held-out ones, draw_batch's pool). Sets
-    cfg["g_down"], so the log and the checkpoint say what the default chose."""
+    """The latents file, every latent on the device, scaled once, and its split: (meta, the
+    held-out indices, draw_batch's pool: latents, labels, the training indices grouped by domain,
+    each group's size and start). Sets cfg["g_down"], so the log and the checkpoint say what the
+    default chose."""
     try:
         meta = load_latents(cfg["data"])
     except ValueError as e:
@@ -1394,7 +1395,7 @@ def load_data(cfg, device, main_rank):
     dom_start = torch.cumsum(dom_count, 0) - dom_count
     train_sorted = torch.cat(train_idx).to(device)  # grouped by domain: x_ref is drawn from a group
     pool = (latents, labels, train_sorted, dom_count, dom_start)
-    return meta, latents, labels, train_sorted, torch.cat(val_idx).to(device), pool
+    return meta, torch.cat(val_idx).to(device), pool
 
 
 def draw_batch(cfg, pool, mine, ada):
@@ -1933,7 +1934,8 @@ def main(argv=None):
     log_path, ckpt_path = os.path.join(out_dir, "log.json"), os.path.join(out_dir, "ckpt.pt")
 
     # data: every latent on the device, scaled once (seed 001: content * latent_scale, x_ref too)
-    meta, latents, labels, train_sorted, val_idx, pool = load_data(cfg, device, main_rank)
+    meta, val_idx, pool = load_data(cfg, device, main_rank)
+    latents, labels, train_sorted = pool[:3]
     domains, K, (C, H, W) = list(meta["domains"]), len(meta["domains"]), latents.shape[1:]
     data_meta = {k: meta.get(k) for k in ("vae", "subfolder", "image_size")}  # for --translate
     data_meta.update(domains=domains, latent_shape=[C, H, W])
