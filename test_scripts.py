@@ -16,7 +16,6 @@ import http.server
 import importlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -32,10 +31,12 @@ import pytest
 import torch
 from PIL import Image
 
+import posed_fashion as pf
+from posed_fashion import FASHION, TINY_VAE, save_tiny_vae
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
 CUDA = torch.cuda.is_available()
-FASHION = "/usr/share/datasets/fashion-mnist"
 SCRIPTS = ["train_mnist_gan.py", "train_latent_stargan.py", "encode_latents.py", "plot_losses.py"]
 PRDC = ("precision", "recall", "density", "coverage")
 # Intel MKL picks its code paths at run time, and on a busy machine a process sometimes takes
@@ -497,6 +498,7 @@ def test_mnist_gan_nan_stops_and_keeps_the_checkpoint(tiny_mnist, tmp_path):
         (["--nope"], "unrecognized arguments: --nope"),
         (["--batch_size", 100000], "larger than the training set (512 images)"),
         (["--device", "tpu9"], "--device tpu9"),
+        (["--cuda_graph"], "--cuda_graph needs a CUDA device"),
     ],
 )
 def test_mnist_gan_impossible_flags(tiny_mnist, tmp_path, flags, needle):
@@ -704,22 +706,33 @@ def test_mnist_gan_on_gpu(tiny_mnist, tmp_path):
         *mnist_args(tiny_mnist, out, "--epochs", 3, "--device", "cuda"),
         timeout=600,
     )
-    assert "bfloat16 compiled" in p.stdout
+    assert "bfloat16 compiled cuda-graph" in p.stdout
     assert all(np.isfinite(r["d_loss"]) for r in load_log(out)["records"])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("loss", ["bce", "wgan-gp"])  # wgan-gp: two kinds of step, RNG, 2nd order
+def test_mnist_gan_cuda_graph_on_gpu_trains_as_the_step_does(
+    tiny_mnist, mnist_classifier, tmp_path, loss
+):
+    # the replayed step computes what the step computes: the same losses and evaluation, epoch by
+    # epoch, across a resume too (the graphs are captured again after the checkpoint's load)
+    flags = "--device cuda --dtype float32 --eval_interval 1 --eval_samples 300 --loss".split()
+    graph, plain = (with_classifier(tmp_path / k, mnist_classifier) for k in ("graph", "plain"))
+    for out, extra in (
+        (graph, ["--epochs", 2, "--cuda_graph"]),
+        (graph, ["--epochs", 3, "--cuda_graph", "--resume"]),
+        (plain, ["--epochs", 3, "--no-cuda_graph"]),
+    ):
+        run("train_mnist_gan.py", *mnist_args(tiny_mnist, out, *flags, loss, *extra), timeout=600)
+    logs = [load_log(out) for out in (graph, plain)]
+    np.testing.assert_allclose(*map(records_losses, logs), rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(*([r["fd"] for r in log["records"]] for log in logs), rtol=1e-2)
 
 
 # -----------------------------------------------------------------------------
 # encode_latents.py, with a tiny randomly initialised VAE saved and loaded the way a real one is
 
-TINY_VAE = dict(
-    block_out_channels=(8, 16, 16, 16),
-    layers_per_block=1,
-    norm_num_groups=8,
-    latent_channels=4,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    sample_size=64,
-)
 # Stable Diffusion's VAE (sd-vae-ft-mse), randomly initialised: for the GPU throughput check only
 SD_VAE = dict(
     TINY_VAE,
@@ -1886,160 +1899,10 @@ def test_stargan_content_tells_a_translator_from_a_copier(tmp_path):
 # alike, and its file name says which. Pose and class are judged on images, decoded through the
 # VAE, by judges fitted on real images decoded through the same VAE.
 
-FASHION_NAMES = "tshirt trouser pullover dress coat sandal shirt sneaker bag boot".split()
-
-
-def posed(a28, pose, which, size):
-    """A 28x28 uint8 garment in pose `which` (0 or 1), as a size x size grayscale PIL image.
-    mirror: as it comes (shoes face left), or mirrored. shift: shrunk to 69% of the frame, at its
-    left or right edge. scale: shrunk to 55% of the frame, or the whole frame; centred."""
-    img = Image.fromarray(a28, mode="L")
-    if pose == "mirror":
-        img = img.resize((size, size), Image.BICUBIC)
-        return img.transpose(Image.FLIP_LEFT_RIGHT) if which else img
-    side = round(size * {"shift": 0.69, "scale": (0.55, 1.0)[which]}[pose])
-    canvas = Image.new("L", (size, size), 0)
-    left = (size - side) * which if pose == "shift" else (size - side) // 2
-    canvas.paste(img.resize((side, side), Image.BICUBIC), (left, (size - side) // 2))
-    return canvas
-
-
-def write_posed_fashion(folder, classes, pose, n=2000, size=64, seed=0, images=FASHION):
-    """The first n training images of each Fashion-MNIST class, each in pose 0 or 1 (a fair coin,
-    seeded), as PNGs folder/<class name>/<pose>_<index>.png: image folders for encode_latents.py.
-    Returns (folder, their uint8 images (N, 3, size, size))."""
-    import train_mnist_gan as mnist
-
-    x, y = mnist.load_dataset("fashion", images)[:2]
-    gen, out = np.random.default_rng(seed), []
-    for c in classes:
-        os.makedirs(os.path.join(folder, FASHION_NAMES[c]), exist_ok=True)
-        for i in np.flatnonzero(y == c)[:n]:
-            which = int(gen.integers(2))
-            img = posed(x[i], pose, which, size)
-            img.save(os.path.join(folder, FASHION_NAMES[c], f"{which}_{i:05d}.png"))
-            out.append(np.asarray(img))
-    return folder, torch.from_numpy(np.stack(out))[:, None].repeat(1, 3, 1, 1)
-
-
-class Judge(torch.nn.Module):
-    """A small conv net on decoded grayscale images: pose or class."""
-
-    def __init__(self, n_out):
-        super().__init__()
-        conv = torch.nn.Conv2d
-        self.features = torch.nn.Sequential(
-            conv(1, 16, 5, 2, 2), torch.nn.ReLU(), conv(16, 32, 5, 2, 2), torch.nn.ReLU(),
-            conv(32, 64, 3, 2, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4),
-            torch.nn.Flatten(), torch.nn.Linear(64 * 16, 64), torch.nn.ReLU(),
-        )  # fmt: skip
-        self.head = torch.nn.Linear(64, n_out)
-
-    def forward(self, x):
-        f = self.features(x)
-        return f, self.head(f)
-
-
-def judge_translations(run_dir, lat_path, vae_dir, seed=0):
-    """Pose and class of a run's translations of its held-out sources, judged on decoded images:
-    {pose_judge, class_judge: the judges' accuracy on held-out real images; pose_ref: the share
-    of translations by reference that keep their source's pose, over the pairs whose reference
-    is posed the other way; pose_ref_follows_ref: the share that take the reference's instead;
-    pose_lat: the same by z, over all pairs; class_ref, class_lat: the share judged to be of the
-    target domain; class_ref_moved: class_ref with each reference's style moved by the target
-    domain's mean F style less its mean E style (of held-out latents), a diagnosis}."""
-    import train_latent_stargan as sg
-
-    cpu = torch.device("cpu")
-    ckpt, data = load_pt(os.path.join(run_dir, "ckpt.pt")), load_pt(lat_path)
-    cfg, scale = ckpt["config"], ckpt["config"]["latent_scale"]
-    (G, E, F_), _ = sg.run_networks(cfg, ckpt, cpu)
-    vae = sg.load_vae(vae_dir, None, cpu, torch.float32)
-    lat, labels = data["latents"].float() * scale, data["labels"]
-    pose = torch.tensor([int(os.path.basename(p)[0]) for p in data["paths"]])
-    K = len(data["domains"])
-    train, held = (torch.cat(t) for t in sg.split_domains(labels, K, cfg["val_fraction"]))
-
-    def images(latents):  # decoded, grayscale, (N, 1, size, size)
-        with torch.no_grad():
-            return sg.decode(vae, latents, scale).mean(1, keepdim=True)
-
-    def fit(x, y, n):
-        return sg.train_classifier(lambda: Judge(n), x, y, cpu, min_steps=600, seed=seed)
-
-    def judged(judge, x):
-        with torch.no_grad():
-            return torch.cat([judge(c)[1].argmax(1) for c in x.split(500)])
-
-    gen = torch.Generator().manual_seed(seed)
-    fit_on = train[torch.randperm(len(train), generator=gen)[:3000]]
-    x_fit, x_held = images(lat[fit_on]), images(lat[held])
-    pose_judge, class_judge = fit(x_fit, pose[fit_on], 2), fit(x_fit, labels[fit_on], K)
-    out = {
-        "pose_judge": float((judged(pose_judge, x_held) == pose[held]).float().mean()),
-        "class_judge": float((judged(class_judge, x_held) == labels[held]).float().mean()),
-    }
-    # every held-out source into every other domain: by a held-out reference, and by a z
-    src = held.repeat(K - 1)
-    y_trg = torch.cat([(labels[held] + k) % K for k in range(1, K)])
-    of_domain = [held[labels[held] == d] for d in range(K)]
-    ref = torch.stack(
-        [of_domain[t][torch.randint(len(of_domain[t]), (), generator=gen)] for t in y_trg.tolist()]
-    )
-    z = torch.randn(len(src), cfg["latent_dim"], generator=gen)
-    with torch.no_grad():
-        by_ref = G(lat[src], E(lat[ref], y_trg))
-        by_z = G(lat[src], F_(z, y_trg))
-    img_ref, img_z = images(by_ref), images(by_z)
-    pose_ref, pose_z = judged(pose_judge, img_ref), judged(pose_judge, img_z)
-    other = pose[ref] != pose[src]
-    out["pose_ref"] = float((pose_ref == pose[src])[other].float().mean())
-    out["pose_ref_follows_ref"] = float((pose_ref == pose[ref])[other].float().mean())
-    out["pose_lat"] = float((pose_z == pose[src]).float().mean())
-    out["class_ref"] = float((judged(class_judge, img_ref) == y_trg).float().mean())
-    out["class_lat"] = float((judged(class_judge, img_z) == y_trg).float().mean())
-    # the reference path in F's region of style space (README: "The short run's recipe")
-    y_held, z_mean = labels[held], torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        s_e = E(lat[held], y_held)
-        s_f = F_(torch.randn(len(held), cfg["latent_dim"], generator=z_mean), y_held)
-        move = torch.stack([(s_f - s_e)[y_held == d].mean(0) for d in range(K)])
-        moved = images(G(lat[src], E(lat[ref], y_trg) + move[y_trg]))
-    out["class_ref_moved"] = float((judged(class_judge, moved) == y_trg).float().mean())
-    return out
-
-
-# the case the defaults were tuned on: sandal, sneaker, ankle boot, each half mirrored. Any three
-# classes and any pose of posed() run the same test (README: "A translator keeps its source").
-POSE_CASE = ((5, 7, 9), "mirror")
-POSE_VAE_STEPS = 200
-# the small model of the README's results, 1,280 steps, with the short run's recipe: twice the
-# learning rate, and id's weight falling as lambda_ds does (README: "A translator keeps its source")
-LEARN = (
-    "--g_dim 64 --e_dim 32 --d_dim 32 --f_dim 128 --batch_size 16 --epoch_size 1024 --epochs 20 "
-    "--ds_decay_epochs 10 --lr 2e-4 --id_decay_epochs 10 --eval_interval 5 --no-decode"
-).split()
-
-
-def pose_case(folder, classes, pose, seed=0, *flags):
-    """The learning test's run, in folder: 2,000 images of each class, posed; a tiny VAE trained
-    on them for 200 steps; their latents; the small model for 1,280 steps (with flags after the
-    test's). Returns (the log's evaluation records, judge_translations of the run)."""
-    images, x = write_posed_fashion(os.path.join(folder, "posed"), classes, pose)
-    vae_dir, lat, out = (os.path.join(folder, f) for f in ("vae", "posed.pt", "run"))
-    vae, _ = train_vae(x, steps=POSE_VAE_STEPS)
-    vae.save_pretrained(vae_dir)
-    run("encode_latents.py", "--images", images, "--size", 64, "--vae", vae_dir, "--out", lat)
-    scale = vae.config.scaling_factor
-    args = ["--data", lat, "--out_dir", out, "--latent_scale", scale, "--seed", seed]
-    run("train_latent_stargan.py", *args, *LEARN, *flags, timeout=900)
-    evals = [r for r in load_log(out)["records"] if "acc_ref" in r]
-    return evals, judge_translations(out, lat, vae_dir)
-
 
 @pytest.mark.skipif(not os.path.isdir(FASHION), reason="apt-get install dataset-fashion-mnist")
 def test_stargan_translates_keeping_the_pose_on_fashion_mnist(tmp_path):
-    evals, judged = pose_case(str(tmp_path), *POSE_CASE)
+    evals, judged = pf.pose_case(str(tmp_path), *pf.POSE_CASE)
     # the evaluation's figures, in the log: the target domain, diversity, content
     first, last = evals[0], evals[-1]
     assert [r["epoch"] for r in evals] == [5, 10, 15, 20]
@@ -2491,188 +2354,3 @@ def test_commands_that_run_in_seconds(where, tmp_path):
         t = time.perf_counter()
         run(cmd[1], *cmd[2:], cwd=tmp_path, timeout=120)
         assert time.perf_counter() - t < 60, cmd  # seconds, not minutes, even on 2 CPU cores
-
-
-# -----------------------------------------------------------------------------
-# tiny VAEs for the commands and the README's figure, written by this file as a command:
-#     python test_scripts.py tiny-vae data/tiny_vae        # a random tiny AutoencoderKL, seconds
-#     python test_scripts.py fashion-vae data/fashion_vae  # one trained on Fashion-MNIST, minutes
-# A random VAE decodes any latent to noise; the trained one decodes to clothes a person can judge.
-
-
-def save_tiny_vae(folder, seed=0):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    AutoencoderKL(**TINY_VAE).save_pretrained(folder)
-    return folder
-
-
-def train_vae(x, steps=None, minutes=None, seed=0, batch=32):
-    """TINY_VAE trained on images x (uint8 (N, 3, size, size)): Adam on the pixel MSE plus 1e-6
-    times the KL to N(0, 1) (Stable Diffusion's VAE weights its KL so), for `steps` steps or
-    `minutes` of wall time. Its scaling_factor is set to 1 / std of its latents, as SD's is.
-    Returns (the VAE, the steps it took)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**TINY_VAE)
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    t0, step = time.perf_counter(), 0
-    while step < (steps or math.inf) and (
-        minutes is None or time.perf_counter() - t0 < 60 * minutes
-    ):
-        xb = x[torch.randint(len(x), (batch,))].float() / 127.5 - 1
-        dist = vae.encode(xb).latent_dist
-        rec = vae.decode(dist.sample()).sample
-        loss = torch.nn.functional.mse_loss(rec, xb) + 1e-6 * dist.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % 200 == 0:
-            print(
-                f"step {step}: loss {loss.item():.5f} ({time.perf_counter() - t0:.0f}s)", flush=True
-            )
-    vae.eval()
-    with torch.no_grad():
-        z = torch.cat(
-            [vae.encode(c.float() / 127.5 - 1).latent_dist.mean for c in x[:2048].split(256)]
-        )
-    vae.register_to_config(scaling_factor=float(1 / z.std()))
-    return vae, step
-
-
-def train_fashion_vae(folder, minutes=8.0, images=FASHION, size=64, n_images=20000, seed=0):
-    """train_vae on Fashion-MNIST's training images, preprocessed as encode_latents.py does at
-    --size 64, for `minutes` of wall time. Kept in folder (with train_info.json) and reused when
-    the folder already holds one made with the same settings."""
-    import encode_latents as enc
-
-    settings = dict(minutes=minutes, size=size, n_images=n_images, seed=seed, vae=TINY_VAE)
-    info_path = os.path.join(folder, "train_info.json")
-    settings = json.loads(json.dumps(settings))  # as the JSON file holds them: lists, not tuples
-    if os.path.exists(info_path) and json.load(open(info_path))["settings"] == settings:
-        print(f"{folder} holds a VAE trained with these settings: kept")
-        return folder
-    import train_mnist_gan as mnist
-
-    arrays = mnist.load_dataset("fashion", images)  # the four IDX files, raw or .gz
-    torch.manual_seed(seed)
-    pick = torch.randperm(len(arrays[0]))[:n_images]
-    x = torch.stack(
-        [enc.to_square(Image.fromarray(arrays[0][i], mode="L"), size) for i in pick.tolist()]
-    )
-    x_test = torch.stack(
-        [enc.to_square(Image.fromarray(a, mode="L"), size) for a in arrays[2][:256]]
-    )
-    t0 = time.perf_counter()
-    vae, step = train_vae(x, minutes=minutes, seed=seed)
-    with torch.no_grad():
-        xt = x_test.float() / 127.5 - 1
-        rec = vae.decode(vae.encode(xt).latent_dist.mean).sample.clamp(-1, 1)
-        mse = ((rec - xt) / 2).pow(2).mean().item()
-    vae.save_pretrained(folder)
-    psnr = 10 * np.log10(1 / mse)
-    scaling = vae.config.scaling_factor
-    info = dict(
-        settings=settings,
-        steps=step,
-        seconds=time.perf_counter() - t0,
-        test_psnr=psnr,
-        scaling_factor=scaling,
-    )
-    with open(info_path, "w") as f:
-        json.dump(info, f, indent=1)
-    print(f"wrote {folder}: {step} steps, test PSNR {psnr:.1f} dB, scaling_factor {scaling:.3f}")
-    return folder
-
-
-def vae_moves(vae_dir, n=512, images=FASHION):
-    """How far moving a latent is from moving its image, for a VAE at 64 px on Fashion-MNIST's
-    first n test images (the README's figures, on the VAE of its results): PSNRs (images in
-    [-1, 1]) of the reconstruction against the image, of decode(mirrored z) against the mirrored
-    decode(z), and of decode(z shifted 1 latent pixel) against decode(z) shifted 8 pixels."""
-    import train_latent_stargan as sg
-    import train_mnist_gan as mnist
-
-    test = mnist.load_dataset("fashion", images)[2][:n]
-    x = torch.from_numpy(np.stack([np.asarray(posed(a, "mirror", 0, 64)) for a in test]))
-    x = x[:, None].repeat(1, 3, 1, 1).float() / 127.5 - 1
-    vae = sg.load_vae(vae_dir, None, torch.device("cpu"), torch.float32)
-
-    def psnr(a, b):
-        return float(10 * torch.log10(4 / (a - b).pow(2).mean()))
-
-    with torch.no_grad():
-        z = vae.encode(x).latent_dist.mean
-        out = [vae.decode(v).sample.clamp(-1, 1) for v in (z, z.flip(-1), z.roll(1, -1))]
-    mirror, shift = psnr(out[1], out[0].flip(-1)), psnr(out[2][..., 8:], out[0][..., :-8])
-    return (
-        f"{vae_dir}: reconstruction {psnr(out[0], x):.1f} dB; decode(mirrored z) against the "
-        f"mirrored decode(z) {mirror:.1f} dB; decode(z shifted 1 latent pixel) against decode(z) "
-        f"shifted 8 pixels {shift:.1f} dB"
-    )
-
-
-def leak_check(run_dir, lat_path, vae_dir, seed=0):
-    """Whether a run's outputs come out augmented, on decoded images of shoes that all face left
-    (Fashion-MNIST as it comes): the share judged mirrored, by a judge fitted on real images and
-    their mirrors, of held-out real images and of translations by z; and the mean horizontal
-    centre of brightness (0 left, 1 right) of each. A mirror or a translation that leaks moves
-    them off the real data's."""
-    import train_latent_stargan as sg
-
-    cpu = torch.device("cpu")
-    ckpt, data = load_pt(os.path.join(run_dir, "ckpt.pt")), load_pt(lat_path)
-    cfg, scale = ckpt["config"], ckpt["config"]["latent_scale"]
-    (G, _, F_), _ = sg.run_networks(cfg, ckpt, cpu)
-    vae = sg.load_vae(vae_dir, None, cpu, torch.float32)
-    lat, labels, K = data["latents"].float() * scale, data["labels"], len(data["domains"])
-    train, held = (torch.cat(t) for t in sg.split_domains(labels, K, cfg["val_fraction"]))
-    gen = torch.Generator().manual_seed(seed)
-
-    def images(latents):
-        with torch.no_grad():
-            return torch.cat(
-                [sg.decode(vae, c, scale).mean(1, keepdim=True) for c in latents.split(256)]
-            )
-
-    fit_on = images(lat[train[torch.randperm(len(train), generator=gen)[:2000]]])
-    x = torch.cat([fit_on, fit_on.flip(-1)])
-    y = torch.arange(2).repeat_interleave(len(fit_on))
-    judge = sg.train_classifier(lambda: Judge(2), x, y, cpu, min_steps=600, seed=seed)
-    y_trg = (labels[held] + torch.randint(1, K, (len(held),), generator=gen)) % K
-    z = torch.randn(len(held), cfg["latent_dim"], generator=gen)
-    with torch.no_grad():
-        fakes = images(G(lat[held], F_(z, y_trg)))
-    real = images(lat[held])
-    out = {}
-    for name, img in (("real", real), ("fake", fakes)):
-        with torch.no_grad():
-            out[f"mirrored_{name}"] = float(judge(img)[1].argmax(1).float().mean())
-        w = (img + 1).clamp_min(0).sum((1, 2))  # brightness per column
-        centre = (w * torch.linspace(0, 1, w.shape[-1])).sum(1) / w.sum(1)
-        out[f"x_centre_{name}"] = float(centre.mean())
-    return out
-
-
-def posed_fashion(folder, classes="5,7,9", pose="mirror"):
-    """The command behind the README's posed figure: write_posed_fashion's image folders."""
-    return write_posed_fashion(folder, [int(c) for c in classes.split(",")], pose)[0]
-
-
-if __name__ == "__main__":
-    commands = {
-        "tiny-vae": save_tiny_vae,  # FOLDER
-        "fashion-vae": lambda folder, minutes=8: train_fashion_vae(folder, float(minutes)),
-        "posed-fashion": posed_fashion,  # FOLDER [CLASSES [POSE]]
-        "vae-moves": vae_moves,  # VAE_FOLDER
-    }
-    if len(sys.argv) < 3 or sys.argv[1] not in commands:
-        sys.exit(
-            "usage: python test_scripts.py tiny-vae FOLDER | fashion-vae FOLDER [MINUTES] | "
-            "posed-fashion FOLDER [CLASSES [mirror|shift|scale]] | vae-moves VAE_FOLDER"
-        )
-    done = commands[sys.argv[1]](*sys.argv[2:])
-    print(done if sys.argv[1] == "vae-moves" else f"wrote {done}")

@@ -10,7 +10,7 @@ Seed 001's StarGAN v2 in Stable Diffusion VAE latent space: every loss and log a
 
 A smoke test on Fashion-MNIST's IDX files in data/fashion (train_mnist_gan.py --dataset fashion
 downloads them there) and a random tiny VAE, which the tests can write:
-    python test_scripts.py tiny-vae data/tiny_vae                            # seconds
+    python posed_fashion.py tiny-vae data/tiny_vae                           # seconds
     python encode_latents.py --source idx --images data/fashion --classes 5,7,9 --size 32 \\
         --max_per_domain 64 --vae data/tiny_vae --out data/tiny.pt            # seconds
     python train_latent_stargan.py --data data/tiny.pt --epochs 2 --epoch_size 64 \\

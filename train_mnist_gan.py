@@ -22,6 +22,7 @@ from one fixed z), ckpt.pt (everything --resume needs). The last line printed is
 """
 
 import argparse
+import functools
 import gzip
 import hashlib
 import json
@@ -57,7 +58,7 @@ LOSS_DEFAULTS = {  # per loss: seed 004, the loss's paper (Algorithm 1 for WGAN 
 # fmt: on
 FIXED = ("dataset", "latent_dim", "loss", "batch_size")  # a resumed run cannot change these
 # this machine's and this call's, never taken from a checkpoint
-SYSTEM = ("device", "dtype", "compile", "profile")
+SYSTEM = ("device", "dtype", "compile", "cuda_graph", "profile")
 
 # -----------------------------------------------------------------------------
 # flags: every knob of a run, grouped, each with where its default comes from
@@ -139,6 +140,9 @@ def build_parser():
                    help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile G and D (default: on for CUDA, off for CPU)")
+    p.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the whole step from a CUDA graph (default: on for CUDA, except "
+                        "with float16 or --gamma_end)")
     p.add_argument("--profile", type=nonneg_int, default=0, metavar="N",
                    help="profile N steps after the warm-up: out_dir/profile.txt and profile.json")
     # fmt: on
@@ -290,9 +294,15 @@ def system_config(cfg):
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {cfg['device']}: CUDA is not available here; use --device cpu")
     dtype = cfg["dtype"] or ("bfloat16" if dev.type == "cuda" else "float32")
+    # a graph replays the step as captured: no GradScaler (float16) and no penalty schedule
+    capturable = dev.type == "cuda" and dtype != "float16" and cfg["gamma_end"] is None
+    if cfg["cuda_graph"] and not capturable:
+        why = "a CUDA device" if dev.type != "cuda" else "no float16 and no --gamma_end"
+        die(f"--cuda_graph needs {why}; leave it off (--no-cuda_graph)")
     return {
         "dtype": dtype,
         "compile": dev.type == "cuda" if cfg["compile"] is None else cfg["compile"],
+        "cuda_graph": capturable if cfg["cuda_graph"] is None else cfg["cuda_graph"],
     }
 
 
@@ -555,13 +565,14 @@ def build_models(cfg, device, ptdtype=torch.float32):
     Fused Adam updates in one pass over the parameters (1.3x the whole step on 2 CPU cores);
     RMSprop for wgan, as its paper."""
     G, D = MLPGenerator(cfg["latent_dim"]).to(device), MLPDiscriminator().to(device)
+    graph = dict(capturable=True) if cfg["cuda_graph"] else {}  # step counts kept on the GPU
     if cfg["optimizer"] == "rmsprop":
-        opt_G = torch.optim.RMSprop(G.parameters(), lr=cfg["lr"])
-        opt_D = torch.optim.RMSprop(D.parameters(), lr=cfg["lr_d"])
+        opt_G = torch.optim.RMSprop(G.parameters(), lr=cfg["lr"], **graph)
+        opt_D = torch.optim.RMSprop(D.parameters(), lr=cfg["lr_d"], **graph)
     else:
-        betas = (cfg["b1"], cfg["b2"])
-        opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr"], betas=betas, fused=True)
-        opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=betas, fused=True)
+        adam = dict(betas=(cfg["b1"], cfg["b2"]), fused=True, **graph)
+        opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr"], **adam)
+        opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], **adam)
     scaler_G = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
     scaler_D = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
     return dict(G=G, D=D, opt_G=opt_G, opt_D=opt_D, scaler_G=scaler_G, scaler_D=scaler_D)
@@ -633,6 +644,44 @@ def train_step(cfg, modules, G_c, D_c, real, z, step, total_steps, ctx):
     # the logged d_loss is the whole objective D minimised, penalties included
     values = [d_loss, g_loss] + stats
     return [v.detach() for v in values] + [torch.full((), float(g_step), device=real.device)]
+
+
+class GraphedStep:
+    """--cuda_graph: the whole step (G's and D's forward, backward and optimizer) captured in a
+    CUDA graph and replayed, one graph per kind of step (G steps or not). At batch 64 the MLPs'
+    step is a few hundred tiny kernels, and launching them from Python costs more than running
+    them; a replay launches them all at once. Each kind's first calls run as they are, on a side
+    stream (torch.compile compiles there), the next one is captured and every later one replays.
+    Inputs are copied into the graph's own tensors; its outputs are overwritten by the next
+    replay, so the caller copies them first (Meter.push does)."""
+
+    WARMUP = 3
+
+    def __init__(self, step_fn, n_critic):
+        self.step_fn, self.n_critic, self.graphs, self.calls = step_fn, n_critic, {}, {}
+
+    def __call__(self, real, z, step):
+        kind = step % self.n_critic == 0  # whether G steps
+        if kind in self.graphs:
+            graph, real_s, z_s, out = self.graphs[kind]
+            real_s.copy_(real)
+            z_s.copy_(z)
+            graph.replay()
+            return out
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        if self.calls[kind] <= self.WARMUP:
+            with torch.cuda.stream(side):
+                out = self.step_fn(real, z, step)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        graph, real_s, z_s = torch.cuda.CUDAGraph(), real.clone(), z.clone()
+        with torch.cuda.graph(graph):
+            out = self.step_fn(real_s, z_s, step)
+        self.graphs[kind] = graph, real_s, z_s, out
+        graph.replay()  # capturing ran nothing: this is the step
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -1169,6 +1218,11 @@ def main(argv=None):
     G_c, D_c = G, D
     if cfg["compile"]:
         G_c, D_c = torch.compile(G, dynamic=False), torch.compile(D, dynamic=False)
+    step_fn = functools.partial(
+        train_step, cfg, modules, G_c, D_c, total_steps=total_steps, ctx=ctx
+    )
+    if cfg["cuda_graph"]:
+        step_fn = GraphedStep(step_fn, cfg["n_critic"])
 
     # evaluation; samples from one fixed z (its own generator: the training RNG stays as it is);
     # the meter (g_step: whether G stepped, for g_loss's mean); Ctrl-C
@@ -1184,6 +1238,7 @@ def main(argv=None):
     print(
         f"{loss_name} on {cfg['dataset']}: {N} images, {steps_per_epoch} steps/epoch, "
         f"{total_steps} steps, device {device} {cfg['dtype']}{' compiled' * cfg['compile']}"
+        f"{' cuda-graph' * cfg['cuda_graph']}"
     )
     if step == 0:
         save_samples(G, z_fixed, ctx, sample_path.format(step))
@@ -1202,7 +1257,7 @@ def main(argv=None):
         i = step - (epoch - 1) * steps_per_epoch  # batch index inside the epoch
         real = data[perm[i * B : (i + 1) * B]]
         z = torch.randn(B, cfg["latent_dim"], device=device)
-        meter.push(step, train_step(cfg, modules, G_c, D_c, real, z, step, total_steps, ctx))
+        meter.push(step, step_fn(real, z, step))
         step += 1
         profiler(step)
 
