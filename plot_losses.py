@@ -25,6 +25,8 @@ How to read the curves (seeds 000, 001, 003):
   probability that ADA (--ada_target) moves to hold r_t at its target.
 - content_ref and content_lat (the latent StarGAN's evaluation) near 0: G ignores its source and
   draws each translation from the style alone; near 1: translations differ as their sources do.
+- style_lat and style_ref: how far two z, or two references, move a translation's style against
+  how far apart two real latents of the domain are. 1: as real data; near 0: one look.
 """
 
 import argparse
@@ -47,6 +49,7 @@ REAL_LEVEL = {
     "kid": "kid_real",
     "is": "is_real",
     "div": "div_real",
+    "style_cov": "style_cov_real",
     **{m: f"{m}_real" for m in PRDC},
 }
 PER_DOMAIN = {"fd": "fd_mean", **{m: m for m in PRDC}}  # fd_<domain> goes in the fd_mean panel
@@ -104,6 +107,8 @@ def build_parser():
     p.add_argument("--min_content", type=float, default=0.2,
                    help="content_ref or content_lat below this at the last evaluation: G ignores "
                         "its source")
+    p.add_argument("--min_style", type=float, default=0.25,
+                   help="style_lat or style_ref below this at the last evaluation: one look")
     # fmt: on
     return p
 
@@ -288,6 +293,8 @@ def reference_lines(meta, key, records):
         lines.append((0.8, "about 0.8: may leak"))
     if key in ("content_ref", "content_lat"):
         lines += [(1.0, "1: G = identity"), (0.0, "0: the source is ignored")]
+    if key in ("style_lat", "style_ref"):
+        lines += [(1.0, "1: as real data"), (0.0, "0: one look")]
     if key in REAL_LEVEL:
         vals = finite(column(records, REAL_LEVEL[key]))
         if len(vals):
@@ -574,6 +581,31 @@ def source_ignored(meta, records, th):
     ]
 
 
+def one_look(meta, records, th):
+    """At the last evaluation: style_lat or style_ref below --min_style. Two z (or two references)
+    then give translations of nearly one style, where two real latents of the domain differ."""
+    ep = xs_of(records, "epoch")
+    for i in reversed(range(len(records))):
+        found = {k: column(records, k)[i] for k in ("style_lat", "style_ref")}
+        found = {k: v for k, v in found.items() if np.isfinite(v)}
+        if found:
+            break
+    else:
+        return []
+    low = {k: v for k, v in found.items() if v < th.min_style}
+    if not low:
+        return []
+    paths = " and ".join({"style_lat": "by z", "style_ref": "by reference"}[k] for k in low)
+    cov, real = column(records, "style_cov")[i], finite(column(records, "style_cov_real"))
+    cover = f"; style_cov {cov:.3f} against real data's {real[0]:.3f}" if len(real) else ""
+    figures = ", ".join(f"{k} {v:.3f}" for k, v in found.items())
+    return [
+        f"one look {paths}: {figures} at epoch {ep[i]:g} (1: two styles move a translation as "
+        f"far as two real latents of the domain differ; 0: not at all){cover}. div can look fine "
+        "while this happens; sample several z for one source to see it"
+    ]
+
+
 FINDINGS = [
     divergence,
     d_dominates,
@@ -585,6 +617,7 @@ FINDINGS = [
     mode_collapse,
     diversity_collapse,
     source_ignored,
+    one_look,
     d_overfits,
     augmentation_leaks,
 ]

@@ -69,9 +69,6 @@ ARCH = ("style_dim", "latent_dim", "g_dim", "g_blocks", "g_down", "e_dim", "d_di
 FIXED = ARCH + ("f_shared", "batch_size", "epoch_size", "val_fraction", "adv_loss")
 # this machine's and this call's, not the checkpoint's
 SYSTEM = ("device", "dtype", "compile", "profile", "world_size")
-# flags a checkpoint may be older than, at the values it ran with: a resumed run whose config lacks
-# one keeps running as it did, not at today's default
-BEFORE = dict(e_flip=0.0, e_shift=0.0, e_zoom=0.0)
 TRANSLATE = ("translate", "ref", "target", "n_styles", "result_dir", "vae", "resume")
 
 # -----------------------------------------------------------------------------
@@ -217,7 +214,7 @@ def parse_config(argv=None):
         ckpt = load_checkpoint(cfg["out_dir"], "--translate" if cfg["translate"] else "--resume")
     if ckpt is not None:  # the flags not typed take the checkpoint's values
         kept = {k: v for k, v in ckpt["config"].items() if k not in SYSTEM + TRANSLATE}
-        cfg = {**cfg, **BEFORE, **kept, **{k: cfg[k] for k in typed}}
+        cfg = {**cfg, **kept, **{k: cfg[k] for k in typed}}
         if cfg["resume"] and not cfg["translate"]:
             check_resume(cfg, ckpt, FIXED, SYSTEM)
     if cfg["g_blocks"] % 2:
@@ -927,8 +924,8 @@ class SampleGrids:
 
 def checkpoint(cfg, run, modules, device):
     """Everything --resume needs, in plain types: where the run stands (run: step, epoch, elapsed,
-    the epoch's permutation and partial sums), the raw modules', optimizers' and scalers' states
-    (never a compiled wrapper's), the RNG states and the config."""
+    the epoch's permutation and partial sums), the state of every module, optimizer and scaler
+    (the raw modules, never a compiled wrapper), the RNG states and the config."""
     rng_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     states = {k: m.state_dict() for k, m in modules.items()}
     return {
@@ -1115,6 +1112,15 @@ def mean_pairwise_l1(x):
 CONTENT_SOURCES = 200  # sources per domain in content's pairs (6 x 200 x 200 distances, n_div 4)
 
 
+def style_features(x):
+    """A latent's style statistics (N, C, H, W) -> (N, 4C): each channel's mean and spread over
+    the positions, and its mean vertical and horizontal step: what an AdaIN layer can set, and
+    texture, but not where things are (a mirror leaves them as they are, a shift nearly so)."""
+    x = x.float()
+    steps = [(x.diff(dim=d).abs().mean((2, 3))) for d in (2, 3)]
+    return torch.cat([x.mean((2, 3)), x.std((2, 3)), *steps], 1)
+
+
 def content_score(sources, outs):
     """content: whether translations keep their sources, label-free. sources (n, C, H, W), all
     of one domain; outs (m, n, C, H, W), their translations into one other domain under m styles
@@ -1144,8 +1150,13 @@ class TranslationEvaluator:
     latent-guided translations into a domain against all its real latents); div (mean pairwise L1
     of n_div styles per source, in latent space); cyc_err (L1 of the latent-guided round trip);
     precision_<domain>, recall_, density_, coverage_ and their means (prdc, against the domain's
-    training latents). `reference` holds clf_acc and the held-out real latents' figures in their
-    place: fd_real, div_real, precision_real, recall_real, density_real, coverage_real."""
+    training latents). Style, in style_features' space (each feature scaled by its spread over
+    the real latents): style_lat, how far apart two z take a source's translation, and
+    style_ref, how far apart two references take it, each over how far apart two real latents
+    of the target domain are (1: as real data; 0: one look whatever the z or the reference);
+    style_cov, the coverage of each domain's training latents by the latent-guided translations
+    into it. `reference` holds clf_acc and the held-out real latents' figures in their place:
+    fd_real, div_real, precision_real, recall_real, density_real, coverage_real, style_cov_real."""
 
     def __init__(self, cfg, meta, latents, labels, train_idx, val_idx, ctx):
         self.cfg, self.meta, self.latents, self.labels, self.ctx = cfg, meta, latents, labels, ctx
@@ -1195,6 +1206,13 @@ class TranslationEvaluator:
         ]
         for m in PRDC:
             self.reference[f"{m}_real"] = float(np.mean([r[m] for r in real]))
+        # style: features scaled by their spread over the real latents, each domain's training set
+        self.style_scale = style_features(latents).std(0).clamp_min(1e-8)
+        s_t = style_features(latents[self.train_idx]) / self.style_scale
+        self.train_style = [s_t[labels[self.train_idx] == d] for d in range(K)]
+        s_v = style_features(x_val) / self.style_scale
+        cov = [prdc(self.train_style[d], s_v[y_v == d])["coverage"] for d in range(K)]
+        self.reference["style_cov_real"] = float(np.mean(cov))
 
     @torch.no_grad()
     def __call__(self, G, E, F_, epoch):
@@ -1216,15 +1234,31 @@ class TranslationEvaluator:
         ]
         refs = torch.stack(picks)
         z = torch.randn(len(x_s), cfg["latent_dim"], generator=gen, device=device)
-        fake_ref, fake_lat, rec = [], [], []
+        # a second reference and a second z for every source, for the style measures (from a
+        # generator of their own: the other figures' draws stay as they were)
+        gen_2 = torch.Generator(device=device).manual_seed(cfg["seed"] + 3)
+        refs_2 = torch.stack(
+            [per_dom[t][torch.randint(len(per_dom[t]), (), generator=gen_2, device=device)]
+             for t in y_t.tolist()]
+        )  # fmt: skip
+        z_2 = torch.randn(len(x_s), cfg["latent_dim"], generator=gen_2, device=device)
+        fake_ref, fake_lat, rec, style_pairs = [], [], [], []
         for i in range(0, len(x_s), 256):
             sl = slice(i, i + 256)
             with ctx:
                 fr = G(x_s[sl], E(latents[refs[sl]], y_t[sl])).float()
                 fl = G(x_s[sl], F_(z[sl], y_t[sl])).float()
                 rc = G(fl, E(x_s[sl], y_s[sl])).float()
+                fr_2 = G(x_s[sl], E(latents[refs_2[sl]], y_t[sl])).float()
+                fl_2 = G(x_s[sl], F_(z_2[sl], y_t[sl])).float()
             fake_ref.append(fr), fake_lat.append(fl), rec.append(rc)
+            style_pairs.append([style_features(v) for v in (fr, fr_2, fl, fl_2)])
         fake_ref, fake_lat, rec = torch.cat(fake_ref), torch.cat(fake_lat), torch.cat(rec)
+        s_fr, s_fr2, s_fl, s_fl2 = (torch.cat(v) / self.style_scale for v in zip(*style_pairs))
+        s_r, s_r2 = (style_features(latents[r]) / self.style_scale for r in (refs, refs_2))
+        apart = (s_r - s_r2).norm(dim=1).sum().clamp_min(1e-12)  # two real latents of a domain
+        style = {"style_ref": float((s_fr - s_fr2).norm(dim=1).sum() / apart)}
+        style["style_lat"] = float((s_fl - s_fl2).norm(dim=1).sum() / apart)
         # div and content: each domain's sources into the next domain, (y + 1) % K, under n_div
         # styles that all of them share: n_div z, and n_div held-out references of that domain
         div, n_div, content = [], cfg["n_div"], {"ref": [], "lat": []}
@@ -1266,6 +1300,10 @@ class TranslationEvaluator:
         out["content_ref"] = float(np.mean(content["ref"]))
         out["content_lat"] = float(np.mean(content["lat"]))
         out["cyc_err"] = float((rec - x_s).abs().mean())
+        out.update(style)
+        n_held = [int((labels[val_idx] == k).sum()) for k in range(K)]  # as prdc's fakes above
+        cov = [prdc(self.train_style[k], s_fl[y_t == k][: n_held[k]]) for k in range(K)]
+        out["style_cov"] = float(np.mean([c["coverage"] for c in cov]))
         ref = self.reference
         print(
             f"eval epoch {epoch}: acc_ref {out['acc_ref']:.3f} acc_lat {out['acc_lat']:.3f} "
@@ -1273,7 +1311,9 @@ class TranslationEvaluator:
             f"{out['div']:.4f} (real latents {ref['div_real']:.4f}) content_ref "
             f"{out['content_ref']:.3f} content_lat {out['content_lat']:.3f} cyc_err "
             f"{out['cyc_err']:.4f} "
-            f"coverage {out['coverage']:.3f} (real latents {ref['coverage_real']:.3f}) in "
+            f"coverage {out['coverage']:.3f} (real latents {ref['coverage_real']:.3f}) style_lat "
+            f"{out['style_lat']:.3f} style_ref {out['style_ref']:.3f} style_cov "
+            f"{out['style_cov']:.3f} (real latents {ref['style_cov_real']:.3f}) in "
             f"{time.perf_counter() - t0:.1f}s"
         )
         return out
@@ -1763,14 +1803,7 @@ class Items(torch.utils.data.Dataset):
 def run_networks(cfg, ckpt, device):
     """G, E and F of a checkpoint (the EMA copies, as samples and evaluation use them), and what
     it knows of its data: domains, VAE, image size, latent shape."""
-    meta = ckpt.get("data_meta")
-    if meta is None:  # a checkpoint from before data_meta: its latents file says
-        try:
-            d = load_latents(cfg["data"])
-        except ValueError as e:
-            die(f"--translate: the run's checkpoint does not say its domains, and {e}")
-        meta = {k: d.get(k) for k in ("vae", "subfolder", "image_size")}
-        meta.update(domains=list(d["domains"]), latent_shape=list(d["latents"].shape[1:]))
+    meta = ckpt["data_meta"]
     C, H, _ = meta["latent_shape"]
     K = len(meta["domains"])
     G = Generator(C, cfg["g_dim"], cfg["style_dim"], cfg["g_blocks"], g_down(cfg, H))

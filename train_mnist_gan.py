@@ -65,15 +65,10 @@ SYSTEM = ("device", "dtype", "compile", "cuda_graph", "profile")
 
 
 def build_parser():
-    table = []
-    for k, v in LOSS_DEFAULTS.items():
-        text = f"{k}: {v['optimizer']} lr {v['lr']:g}"
-        text += f"/{v['lr_d']:g} (G/D)" if v["lr_d"] != v["lr"] else ""
-        text += f" betas ({v['b1']:g}, {v['b2']:g})" if v["optimizer"] == "adam" else ""
-        text += f" n_critic {v['n_critic']}"
-        text += f" r1 {v['r1']:g} r2 {v['r2']:g}" if "r1" in v else ""
-        table.append(text)
-    table = "; ".join(table)
+    table = "; ".join(
+        f"{k}: " + ", ".join(f"{a} {b:g}" if a != "optimizer" else b for a, b in v.items())
+        for k, v in LOSS_DEFAULTS.items()
+    )
     p = ArgParser(
         description=__doc__.split("\n\n")[0].strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -136,13 +131,13 @@ def build_parser():
     # system
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda, cuda:1, cpu, ...")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="autocast dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile G and D (default: on for CUDA, off for CPU)")
     p.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the whole step from a CUDA graph (default: on for CUDA, except "
-                        "with float16 or --gamma_end)")
+                        "with --gamma_end)")
     p.add_argument("--profile", type=nonneg_int, default=0, metavar="N",
                    help="profile N steps after the warm-up: out_dir/profile.txt and profile.json")
     # fmt: on
@@ -180,7 +175,12 @@ def parse_config(argv=None):
                 )
     if cfg["batch_size"] < 2:
         die("--batch_size must be at least 2 (the generator's BatchNorm needs 2 samples)")
-    return cfg | system_config(cfg), ckpt
+    cfg |= system_config(cfg)
+    capturable = cfg["device"].startswith("cuda") and cfg["gamma_end"] is None  # not a schedule
+    if cfg["cuda_graph"] and not capturable:
+        die("--cuda_graph needs a CUDA device and no --gamma_end; leave it off (--no-cuda_graph)")
+    cfg["cuda_graph"] = capturable if cfg["cuda_graph"] is None else cfg["cuda_graph"]
+    return cfg, ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -294,15 +294,9 @@ def system_config(cfg):
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {cfg['device']}: CUDA is not available here; use --device cpu")
     dtype = cfg["dtype"] or ("bfloat16" if dev.type == "cuda" else "float32")
-    # a graph replays the step as captured: no GradScaler (float16) and no penalty schedule
-    capturable = dev.type == "cuda" and dtype != "float16" and cfg["gamma_end"] is None
-    if cfg["cuda_graph"] and not capturable:
-        why = "a CUDA device" if dev.type != "cuda" else "no float16 and no --gamma_end"
-        die(f"--cuda_graph needs {why}; leave it off (--no-cuda_graph)")
     return {
         "dtype": dtype,
         "compile": dev.type == "cuda" if cfg["compile"] is None else cfg["compile"],
-        "cuda_graph": capturable if cfg["cuda_graph"] is None else cfg["cuda_graph"],
     }
 
 
@@ -560,8 +554,8 @@ def log_keys(cfg):
 # 004's order)
 
 
-def build_models(cfg, device, ptdtype=torch.float32):
-    """G, D, their optimizers and GradScalers (on for float16 only): the dict a checkpoint saves.
+def build_models(cfg, device):
+    """G, D and their optimizers: the dict a checkpoint saves.
     Fused Adam updates in one pass over the parameters (1.3x the whole step on 2 CPU cores);
     RMSprop for wgan, as its paper."""
     G, D = MLPGenerator(cfg["latent_dim"]).to(device), MLPDiscriminator().to(device)
@@ -573,9 +567,7 @@ def build_models(cfg, device, ptdtype=torch.float32):
         adam = dict(betas=(cfg["b1"], cfg["b2"]), fused=True, **graph)
         opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr"], **adam)
         opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], **adam)
-    scaler_G = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
-    scaler_D = torch.amp.GradScaler(device.type, enabled=(ptdtype == torch.float16))
-    return dict(G=G, D=D, opt_G=opt_G, opt_D=opt_D, scaler_G=scaler_G, scaler_D=scaler_D)
+    return dict(G=G, D=D, opt_G=opt_G, opt_D=opt_D)
 
 
 def train_step(cfg, modules, G_c, D_c, real, z, step, total_steps, ctx):
@@ -584,7 +576,6 @@ def train_step(cfg, modules, G_c, D_c, real, z, step, total_steps, ctx):
     penalties' double backward goes through the raw D in modules (a compiled graph has none).
     Returns the tensors log_keys names, then whether G stepped: nothing is read back (no sync)."""
     D, opt_G, opt_D = modules["D"], modules["opt_G"], modules["opt_D"]
-    scaler_G, scaler_D = modules["scaler_G"], modules["scaler_D"]
     loss_name, B = cfg["loss"], len(real)
     g_step = step % cfg["n_critic"] == 0
     if g_step:
@@ -597,9 +588,8 @@ def train_step(cfg, modules, G_c, D_c, real, z, step, total_steps, ctx):
                 g_loss = g_loss_fn(loss_name, D_c(fake).float())
         opt_G.zero_grad(set_to_none=True)
         # G's grads only: D's are not needed
-        scaler_G.scale(g_loss).backward(inputs=opt_G.param_groups[0]["params"])
-        scaler_G.step(opt_G)
-        scaler_G.update()
+        g_loss.backward(inputs=opt_G.param_groups[0]["params"])
+        opt_G.step()
     else:
         with torch.no_grad(), ctx:
             fake = G_c(z)
@@ -634,9 +624,8 @@ def train_step(cfg, modules, G_c, D_c, real, z, step, total_steps, ctx):
         d_loss = d_loss + gammas[1] / 2 * r2
         stats.append(r2)
     opt_D.zero_grad(set_to_none=True)
-    scaler_D.scale(d_loss).backward()
-    scaler_D.step(opt_D)
-    scaler_D.update()
+    d_loss.backward()
+    opt_D.step()
     if loss_name == "wgan":  # weight clipping keeps the critic (roughly) Lipschitz
         with torch.no_grad():
             torch._foreach_clamp_min_(list(D.parameters()), -cfg["clip_value"])
@@ -647,13 +636,11 @@ def train_step(cfg, modules, G_c, D_c, real, z, step, total_steps, ctx):
 
 
 class GraphedStep:
-    """--cuda_graph: the whole step (G's and D's forward, backward and optimizer) captured in a
-    CUDA graph and replayed, one graph per kind of step (G steps or not). At batch 64 the MLPs'
-    step is a few hundred tiny kernels, and launching them from Python costs more than running
-    them; a replay launches them all at once. Each kind's first calls run as they are, on a side
-    stream (torch.compile compiles there), the next one is captured and every later one replays.
-    Inputs are copied into the graph's own tensors; its outputs are overwritten by the next
-    replay, so the caller copies them first (Meter.push does)."""
+    """--cuda_graph: the whole step captured in a CUDA graph and replayed, one graph per kind of
+    step (G steps or not). At batch 64 the MLPs' step is a few hundred tiny kernels that cost more
+    to launch from Python than to run. A kind's first WARMUP calls run as they are, on a side stream
+    (torch.compile compiles there); the next is captured, then replayed. Inputs are copied into
+    the graph's tensors; the outputs are the graph's, overwritten by the next replay."""
 
     WARMUP = 3
 
@@ -662,25 +649,23 @@ class GraphedStep:
 
     def __call__(self, real, z, step):
         kind = step % self.n_critic == 0  # whether G steps
-        if kind in self.graphs:
-            graph, real_s, z_s, out = self.graphs[kind]
-            real_s.copy_(real)
-            z_s.copy_(z)
-            graph.replay()
-            return out
-        self.calls[kind] = self.calls.get(kind, 0) + 1
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        if self.calls[kind] <= self.WARMUP:
+        if kind not in self.graphs and self.calls.setdefault(kind, 0) < self.WARMUP:
+            self.calls[kind] += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 out = self.step_fn(real, z, step)
             torch.cuda.current_stream().wait_stream(side)
             return out
-        graph, real_s, z_s = torch.cuda.CUDAGraph(), real.clone(), z.clone()
-        with torch.cuda.graph(graph):
-            out = self.step_fn(real_s, z_s, step)
-        self.graphs[kind] = graph, real_s, z_s, out
-        graph.replay()  # capturing ran nothing: this is the step
+        if kind not in self.graphs:
+            graph, real_s, z_s = torch.cuda.CUDAGraph(), real.clone(), z.clone()
+            with torch.cuda.graph(graph):
+                out = self.step_fn(real_s, z_s, step)
+            self.graphs[kind] = graph, real_s, z_s, out
+        graph, real_s, z_s, out = self.graphs[kind]
+        real_s.copy_(real)
+        z_s.copy_(z)
+        graph.replay()  # capturing ran nothing: the first replay is the captured step
         return out
 
 
@@ -729,8 +714,8 @@ def save_samples(G, z_fixed, ctx, path):
 
 def checkpoint(cfg, run, modules, device):
     """Everything --resume needs, in plain types: where the run stands (run: step, epoch, elapsed,
-    the epoch's permutation and partial sums), the raw modules', optimizers' and scalers' states
-    (never a compiled wrapper's), the RNG states and the config."""
+    the epoch's permutation and partial sums), the state of every module, optimizer and scaler
+    (the raw modules, never a compiled wrapper), the RNG states and the config."""
     rng_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     states = {k: m.state_dict() for k, m in modules.items()}
     return {
@@ -1165,8 +1150,7 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and later
     torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    ptdtype = ptdtype[cfg["dtype"]]
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, ptdtype)
     out_dir = cfg["out_dir"]
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
@@ -1186,7 +1170,7 @@ def main(argv=None):
     steps_per_epoch = N // B  # the last partial batch is dropped: one shape, no recompiles
 
     # model and optimizers
-    modules = build_models(cfg, device, ptdtype)
+    modules = build_models(cfg, device)
     G, D, opt_G, opt_D = (modules[k] for k in ("G", "D", "opt_G", "opt_D"))
 
     # where the run stands, fresh or from the checkpoint (the epoch's permutation and partial sums)
