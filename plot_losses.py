@@ -558,17 +558,21 @@ def augmentation_leaks(meta, records, th):
     ]
 
 
+def last_evaluated(records, keys):
+    """(index, {key: value}) of the last record that holds any of keys; (None, {}) if none does."""
+    for i in reversed(range(len(records))):
+        found = {k: column(records, k)[i] for k in keys}
+        found = {k: v for k, v in found.items() if np.isfinite(v)}
+        if found:
+            return i, found
+    return None, {}
+
+
 def source_ignored(meta, records, th):
     """At the last evaluation: content_ref or content_lat below --min_content. The translations
     then hardly depend on their source: G draws from the style (the reference's, or F's) alone."""
+    i, found = last_evaluated(records, ("content_ref", "content_lat"))
     ep = xs_of(records, "epoch")
-    for i in reversed(range(len(records))):
-        found = {k: column(records, k)[i] for k in ("content_ref", "content_lat")}
-        found = {k: v for k, v in found.items() if np.isfinite(v)}
-        if found:
-            break
-    else:
-        return []
     low = {k: v for k, v in found.items() if v < th.min_content}
     if not low:
         return []
@@ -584,14 +588,7 @@ def source_ignored(meta, records, th):
 def one_look(meta, records, th):
     """At the last evaluation: style_lat or style_ref below --min_style. Two z (or two references)
     then give translations of nearly one style, where two real latents of the domain differ."""
-    ep = xs_of(records, "epoch")
-    for i in reversed(range(len(records))):
-        found = {k: column(records, k)[i] for k in ("style_lat", "style_ref")}
-        found = {k: v for k, v in found.items() if np.isfinite(v)}
-        if found:
-            break
-    else:
-        return []
+    ep, (i, found) = xs_of(records, "epoch"), last_evaluated(records, ("style_lat", "style_ref"))
     low = {k: v for k, v in found.items() if v < th.min_style}
     if not low:
         return []
