@@ -586,20 +586,30 @@ def source_ignored(meta, records, th):
 
 
 def one_look(meta, records, th):
-    """At the last evaluation: style_lat or style_ref below --min_style. Two z (or two references)
-    then give translations of nearly one style, where two real latents of the domain differ."""
-    ep, (i, found) = xs_of(records, "epoch"), last_evaluated(records, ("style_lat", "style_ref"))
-    low = {k: v for k, v in found.items() if v < th.min_style}
-    if not low:
+    """At the last evaluation: style_lat or style_ref below --min_style (two z, or two
+    references, give translations of nearly one style, where two real latents of the domain
+    differ), or style_cov below --low_coverage of real data's (z does not reach the domain's
+    styles: some style of the real data never comes out)."""
+    i, found = last_evaluated(records, ("style_lat", "style_ref", "style_cov"))
+    ep, real = xs_of(records, "epoch"), finite(column(records, "style_cov_real"))
+    said = [
+        f"one look {'by z' if k == 'style_lat' else 'by reference'}: {k} {v:.3f}"
+        for k, v in found.items()
+        if k != "style_cov" and v < th.min_style
+    ]
+    if "style_cov" in found and len(real) and found["style_cov"] < th.low_coverage * real[0]:
+        said.append(
+            f"z does not reach the domain's styles: style_cov {found['style_cov']:.3f} against "
+            f"real data's {real[0]:.3f}"
+        )
+    if not said:
         return []
-    paths = " and ".join({"style_lat": "by z", "style_ref": "by reference"}[k] for k in low)
-    cov, real = column(records, "style_cov")[i], finite(column(records, "style_cov_real"))
-    cover = f"; style_cov {cov:.3f} against real data's {real[0]:.3f}" if len(real) else ""
     figures = ", ".join(f"{k} {v:.3f}" for k, v in found.items())
     return [
-        f"one look {paths}: {figures} at epoch {ep[i]:g} (1: two styles move a translation as "
-        f"far as two real latents of the domain differ; 0: not at all){cover}. div can look fine "
-        "while this happens; sample several z for one source to see it"
+        f"{'; '.join(said)} at epoch {ep[i]:g} ({figures}; style_lat and style_ref: 1 when two z "
+        "or two references move a translation as far as two real latents of the domain differ, "
+        "0 when not at all). div can look fine while this happens; sample several z for one "
+        "source to see it"
     ]
 
 

@@ -2291,11 +2291,17 @@ def test_diagnose_one_look_by_z_or_by_reference(tmp_path):
             r.update(style_cov=[0.5, 0.3, 0.15][i // 4])
     log["records"][3]["style_cov_real"] = 0.6
     out = diagnosis(tmp_path, log)
-    assert "one look by z: style_lat 0.080, style_ref 0.700 at epoch 12" in out
-    assert "style_cov 0.150 against real data's 0.600" in out
-    assert "one look by z and by reference" in diagnosis(tmp_path, log, "--min_style", 0.75)
+    assert (
+        "one look by z: style_lat 0.080; z does not reach the domain's styles: style_cov 0.150 "
+        "against real data's 0.600 at epoch 12 (style_lat 0.080, style_ref 0.700, style_cov 0.150"
+    ) in out
+    both = diagnosis(tmp_path, log, "--min_style", 0.75)
+    assert "one look by z: style_lat 0.080; one look by reference: style_ref 0.700" in both
     log["records"][-1].update(style_lat=0.5)
-    assert "one look" not in diagnosis(tmp_path, log)
+    out = diagnosis(tmp_path, log)
+    assert "one look" not in out and "does not reach" in out
+    log["records"][-1].update(style_cov=0.35)
+    assert "style_" not in diagnosis(tmp_path, log)
     meta = {"script": log["script"], "config": log["config"]}
     assert pl.reference_lines(meta, "style_cov", log["records"]) == [(0.6, "real data")]
     assert (1.0, "1: as real data") in pl.reference_lines(meta, "style_lat", log["records"])
