@@ -155,9 +155,9 @@ def train_fashion_vae(folder, minutes=8.0, images=FASHION, size=64, n_images=200
 
 def vae_moves(vae_dir, n=512, images=FASHION):
     """How far moving a latent is from moving its image, for a VAE at 64 px on Fashion-MNIST's
-    first n test images (the README's figures, on the VAE of its results): PSNRs (images in
-    [-1, 1]) of the reconstruction against the image, of decode(mirrored z) against the mirrored
-    decode(z), and of decode(z shifted 1 latent pixel) against decode(z) shifted 8 pixels."""
+    first n test images (docs/pose.md's figures): PSNRs (images in [-1, 1]) of the
+    reconstruction against the image, of decode(mirrored z) against the mirrored decode(z), and
+    of decode(z shifted 1 latent pixel) against decode(z) shifted 8 pixels."""
     import train_latent_stargan as sg
     import train_mnist_gan as mnist
 
@@ -385,7 +385,7 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0):
         at = at[torch.randperm(len(at), generator=gen)][: len(at) // 2 * 2].view(2, -1)
         halves.append((x_held[at[0]] - x_held[at[1]]).abs().flatten(1).mean(1))
     out["pix_div_real"] = float(torch.cat(halves).mean() / 2)
-    # the reference path in F's region of style space (README: "The short run's recipe")
+    # the reference path in F's region of style space (docs/pose.md)
     y_held, z_mean = labels[held], torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         s_e = E(lat[held], y_held)
@@ -397,11 +397,11 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0):
 
 
 # the case the defaults were tuned on: sandal, sneaker, ankle boot, each half mirrored. Any three
-# classes and any pose of posed() run the same test (README: "A translator keeps its source").
+# classes and any pose of posed() run the same test (docs/pose.md).
 POSE_CASE = ((5, 7, 9), "mirror", None)
 POSE_VAE_STEPS = 200
-# the small model of the README's results, 1,280 steps, with the short run's recipe: twice the
-# learning rate, and id's weight falling as lambda_ds does (README: "A translator keeps its source")
+# the small model of docs/results_fashion.md, 1,280 steps, with the short run's recipe: twice the
+# learning rate, and id's weight falling as lambda_ds does (docs/pose.md)
 LEARN = (
     "--g_dim 64 --e_dim 32 --d_dim 32 --f_dim 128 --batch_size 16 --epoch_size 1024 --epochs 20 "
     "--ds_decay_epochs 10 --lr 2e-4 --id_decay_epochs 10 --eval_interval 5 --no-decode"

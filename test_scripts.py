@@ -1416,7 +1416,7 @@ def test_stargan_g_down_default_keeps_an_8x8_bottleneck():
     import train_latent_stargan as sg
 
     # StarGAN v2's one halving (32x32 latents -> 16x16), none where it would leave 4x4: through a
-    # 4x4 bottleneck G lost the source's pose (README: "A translator keeps its source")
+    # 4x4 bottleneck G lost the source's pose (docs/pose.md)
     for size, n in ((4, 0), (8, 0), (16, 1), (32, 1), (64, 1)):
         assert sg.g_down({"g_down": None, "g_blocks": 6}, size) == n
     assert sg.g_down({"g_down": 3, "g_blocks": 6}, 8) == 3  # a flag is taken as given

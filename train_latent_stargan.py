@@ -101,7 +101,7 @@ def build_parser():
     p.add_argument("--f_dim", type=positive_int, default=512, help="mapping network width")
     p.add_argument("--f_shared", type=positive_int, default=3, help="mapping network shared layers")
     # E's views: a style taken from a moved copy of its latent cannot carry the latent's pose, so
-    # G must take the pose from its source (README: "A translator keeps its source")
+    # G must take the pose from its source (docs/pose.md)
     p.add_argument("--e_flip", type=unit_float, default=0.5,
                    help="E sees each latent it takes a style from mirrored left-right with this "
                         "probability (0: never)")
@@ -1377,7 +1377,7 @@ def any_rank(flag, device):
 def g_down(cfg, size):
     """--g_down, or by default 1 (StarGAN v2's 16x16 bottleneck at 256 px, 32x32 latents) where
     a halving leaves at least 8x8, else 0. G's source path through a 4x4 bottleneck loses the
-    pose: G then takes it from the style (README: "A translator keeps its source"). One line for
+    pose: G then takes it from the style (docs/pose.md). One line for
     more halvings than the generator has blocks for."""
     n = cfg["g_down"] if cfg["g_down"] is not None else int(size >= 16)
     if n > cfg["g_blocks"] // 2:

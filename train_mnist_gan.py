@@ -45,7 +45,7 @@ WARMUP_STEPS = 10  # steps left out of the final throughput (torch.compile compi
 LOSSES = ("bce", "minimax", "wgan", "wgan-gp", "hinge", "lsgan", "rpgan")
 # fmt: off
 LOSS_DEFAULTS = {  # per loss: seed 004, the loss's paper (Algorithm 1 for WGAN and WGAN-GP), SAGAN,
-    # R3GAN (rpgan, with its R1 + R2: r1 = r2 = gamma, measured on Fashion-MNIST, README)
+    # R3GAN (rpgan, with its R1 + R2: r1 = r2 = gamma, measured on Fashion-MNIST, docs/mnist_gan.md)
     "bce":     dict(optimizer="adam", lr=2e-4, lr_d=2e-4, b1=0.5, b2=0.999, n_critic=1),
     "minimax": dict(optimizer="adam", lr=2e-4, lr_d=2e-4, b1=0.5, b2=0.999, n_critic=1),
     "wgan":    dict(optimizer="rmsprop", lr=5e-5, lr_d=5e-5, b1=0.0, b2=0.0, n_critic=5),
