@@ -2337,7 +2337,7 @@ def test_diagnosis_is_a_list_a_user_can_extend(tmp_path, monkeypatch):
     meta = {"script": log["script"], "config": log["config"]}
     th = pl.build_parser().parse_args(["x"])
     assert pl.diagnose(meta, log["records"], th)[-1] == "slow run"
-    assert len(pl.FINDINGS) == 13 and all(callable(f) for f in pl.FINDINGS)
+    assert len(pl.FINDINGS) == 14 and all(callable(f) for f in pl.FINDINGS)
 
 
 def test_plot_losses_annotate_puts_findings_in_the_footer(tmp_path):
