@@ -22,7 +22,6 @@ from one fixed z), ckpt.pt (everything --resume needs). The last line printed is
 """
 
 import argparse
-import functools
 import gzip
 import hashlib
 import json
@@ -34,6 +33,7 @@ import sys
 import time
 import urllib.request
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -57,8 +57,7 @@ LOSS_DEFAULTS = {  # per loss: seed 004, the loss's paper (Algorithm 1 for WGAN 
 }
 # fmt: on
 FIXED = ("dataset", "latent_dim", "loss", "batch_size")  # a resumed run cannot change these
-# this machine's and this call's, never taken from a checkpoint
-SYSTEM = ("device", "dtype", "compile", "cuda_graph", "profile")
+SYSTEM = ("device", "dtype", "compile", "cuda_graph", "profile")  # never from a checkpoint
 
 # -----------------------------------------------------------------------------
 # flags: every knob of a run, grouped, each with where its default comes from
@@ -157,9 +156,7 @@ def parse_config(argv=None):
         kept = {k: v for k, v in ckpt["config"].items() if k not in SYSTEM}
         cfg = {**cfg, **kept, **{k: cfg[k] for k in typed}}
     defaults = {"r1": 0.0, "r2": 0.0, **LOSS_DEFAULTS[cfg["loss"]]}
-    for k, v in defaults.items():
-        if cfg.get(k) is None:
-            cfg[k] = v
+    cfg |= {k: v for k, v in defaults.items() if cfg.get(k) is None}
     if defaults["lr_d"] == defaults["lr"] and "lr_d" not in typed:  # seed 004: one rate for both
         cfg["lr_d"] = cfg["lr"]
     cfg["data_dir"] = cfg["data_dir"] or os.path.join("data", cfg["dataset"])
@@ -303,13 +300,9 @@ def system_config(cfg):
 # -----------------------------------------------------------------------------
 # data: the four IDX files, downloaded from the official mirrors and checked against their MD5s
 
-IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
 # fmt: off
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DATASETS = {
     "mnist": dict(
         mirrors=["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
@@ -439,10 +432,8 @@ class MLPGenerator(nn.Module):
         def block(n_in, n_out, normalize=True):
             layers = [nn.Linear(n_in, n_out)]
             if normalize:
-                # Seed 004 writes BatchNorm1d(n_out, 0.8) and calls 0.8 the momentum. The second
-                # positional argument of BatchNorm1d is eps, so the code it describes runs with
-                # eps=0.8 and the default momentum 0.1. We keep what the code does, spelled as
-                # the keyword it is.
+                # seed 004's BatchNorm1d(n_out, 0.8) calls 0.8 the momentum, but BatchNorm1d's
+                # second positional argument is eps: it runs with eps=0.8 and momentum 0.1, as here
                 layers.append(nn.BatchNorm1d(n_out, eps=0.8))
             layers.append(nn.LeakyReLU(0.2, inplace=True))
             return layers
@@ -474,8 +465,7 @@ class MLPDiscriminator(nn.Module):
 
 
 def d_loss_fn(loss, real_logits, fake_logits):
-    """The discriminator's (critic's) loss, to be minimised. rpgan pairs the i-th real with the
-    i-th fake: the batches are of one size."""
+    """The discriminator's (critic's) loss, to be minimised. rpgan pairs the i-th real and fake."""
     if loss in ("bce", "minimax"):  # seed 004: (BCE(D(x), 1) + BCE(D(G(z)), 0)) / 2
         return (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()) / 2
     if loss in ("wgan", "wgan-gp"):  # the critic maximises E[D(x)] - E[D(G(z))]: minimise minus it
@@ -508,10 +498,8 @@ def g_loss_fn(loss, fake_logits, real_logits=None):
 
 def gradient_penalty(D, real, fake):
     """WGAN-GP: E[(||grad_x_hat D(x_hat)||_2 - 1)^2], x_hat = eps*real + (1-eps)*fake, eps ~ U[0,1]
-    per sample. Seed 002's snippet takes the gradient at the fakes, the norm over dim 1 only, and
-    adds the term after backward(), so it never reaches the gradients. The penalty belongs at random
-    interpolates (the Lipschitz constraint is enforced between the two distributions), over all of a
-    sample's dimensions, and inside the loss that is differentiated (create_graph=True)."""
+    per sample, the norm over all of a sample's dimensions, inside the differentiated loss. Seed
+    002's snippet takes it at the fakes, over dim 1, after backward(): it never reaches a grad."""
     eps = torch.rand(real.size(0), *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
     x_hat = (eps * real + (1 - eps) * fake).detach().requires_grad_(True)
     (grad,) = torch.autograd.grad(D(x_hat).sum(), x_hat, create_graph=True)
@@ -536,8 +524,7 @@ def r1_r2_penalty(logits_of, real, fake):
 
 
 def gamma_at(start, end, step, total):
-    """R3GAN's schedule: the penalties' gamma from start to end over the run on a cosine; start
-    throughout when end is None."""
+    """R3GAN's schedule: the penalties' gamma from start to end on a cosine (end None: constant)."""
     if end is None:
         return start
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
@@ -550,31 +537,27 @@ def log_keys(cfg):
 
 
 # -----------------------------------------------------------------------------
-# the networks and optimizers; the training step: G's update, then D's on the same fakes (seed
-# 004's order)
+# G, D, optimizers; the training step: G's update, then D's on the same fakes (seed 004's order)
 
 
 def build_models(cfg, device):
-    """G, D and their optimizers: the dict a checkpoint saves.
-    Fused Adam updates in one pass over the parameters (1.3x the whole step on 2 CPU cores);
-    RMSprop for wgan, as its paper."""
+    """G, D and their optimizers: the dict a checkpoint saves. Fused Adam updates in one pass over
+    the parameters (1.3x the whole step on 2 CPU cores); RMSprop for wgan, as its paper."""
     G, D = MLPGenerator(cfg["latent_dim"]).to(device), MLPDiscriminator().to(device)
     graph = dict(capturable=True) if cfg["cuda_graph"] else {}  # step counts kept on the GPU
     if cfg["optimizer"] == "rmsprop":
-        opt_G = torch.optim.RMSprop(G.parameters(), lr=cfg["lr"], **graph)
-        opt_D = torch.optim.RMSprop(D.parameters(), lr=cfg["lr_d"], **graph)
+        opt, kwargs = torch.optim.RMSprop, graph
     else:
-        adam = dict(betas=(cfg["b1"], cfg["b2"]), fused=True, **graph)
-        opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr"], **adam)
-        opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], **adam)
+        opt, kwargs = torch.optim.Adam, dict(betas=(cfg["b1"], cfg["b2"]), fused=True, **graph)
+    opt_G = opt(G.parameters(), lr=cfg["lr"], **kwargs)
+    opt_D = opt(D.parameters(), lr=cfg["lr_d"], **kwargs)
     return dict(G=G, D=D, opt_G=opt_G, opt_D=opt_D)
 
 
 def train_step(cfg, modules, G_c, D_c, real, z, step, total_steps, ctx):
-    """One step on a batch of real images and noise. G steps on every n_critic-th step; D on
-    every step. G_c and D_c are the networks the step calls (compiled with --compile); the
-    penalties' double backward goes through the raw D in modules (a compiled graph has none).
-    Returns the tensors log_keys names, then whether G stepped: nothing is read back (no sync)."""
+    """One step on a batch of real images and noise: G steps on every n_critic-th step, D on every
+    step. G_c and D_c are the networks it calls (compiled with --compile; the penalties use the raw
+    D). Returns the tensors log_keys names, then whether G stepped: nothing read back (no sync)."""
     D, opt_G, opt_D = modules["D"], modules["opt_G"], modules["opt_D"]
     loss_name, B = cfg["loss"], len(real)
     g_step = step % cfg["n_critic"] == 0
@@ -587,8 +570,7 @@ def train_step(cfg, modules, G_c, D_c, real, z, step, total_steps, ctx):
             else:
                 g_loss = g_loss_fn(loss_name, D_c(fake).float())
         opt_G.zero_grad(set_to_none=True)
-        # G's grads only: D's are not needed
-        g_loss.backward(inputs=opt_G.param_groups[0]["params"])
+        g_loss.backward(inputs=opt_G.param_groups[0]["params"])  # G's grads only, not D's
         opt_G.step()
     else:
         with torch.no_grad(), ctx:
@@ -599,10 +581,8 @@ def train_step(cfg, modules, G_c, D_c, real, z, step, total_steps, ctx):
         logits = D_c(torch.cat([real, fake])).float()  # real and fake in one pass: no BatchNorm
     real_logits, fake_logits = logits[:B], logits[B:]
     d_loss = d_loss_fn(loss_name, real_logits, fake_logits)
-    if loss_name in ("bce", "minimax", "lsgan"):  # D(x) and D(G(z)) as probabilities
-        stats = [torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()]
-    else:  # critic scores
-        stats = [real_logits.mean(), fake_logits.mean()]
+    probs = loss_name in ("bce", "minimax", "lsgan")  # D(x), D(G(z)) as probabilities, else scores
+    stats = [(torch.sigmoid(t) if probs else t).mean() for t in (real_logits, fake_logits)]
     # penalties: autocast off, float32, through the raw D (a compiled graph has no double backward)
     if loss_name == "wgan-gp":
         gp = gradient_penalty(D, real, fake)
@@ -613,16 +593,12 @@ def train_step(cfg, modules, G_c, D_c, real, z, step, total_steps, ctx):
         r1, r2 = r1_r2_penalty(D, real, fake)
         d_loss = d_loss + gammas[0] / 2 * r1 + gammas[1] / 2 * r2
         stats += [r1, r2]
-    elif cfg["r1"] > 0:
-        real_r1 = real.detach().requires_grad_(True)
-        r1 = r1_penalty(D(real_r1), real_r1)
-        d_loss = d_loss + gammas[0] / 2 * r1
-        stats.append(r1)
-    elif cfg["r2"] > 0:  # R2: the same penalty, on the fakes
-        fake_r2 = fake.detach().requires_grad_(True)
-        r2 = r1_penalty(D(fake_r2), fake_r2)
-        d_loss = d_loss + gammas[1] / 2 * r2
-        stats.append(r2)
+    elif cfg["r1"] > 0 or cfg["r2"] > 0:  # one of them; R2 is the same penalty, on the fakes
+        x, gamma = (real, gammas[0]) if cfg["r1"] > 0 else (fake, gammas[1])
+        x = x.detach().requires_grad_(True)
+        r = r1_penalty(D(x), x)
+        d_loss = d_loss + gamma / 2 * r
+        stats.append(r)
     opt_D.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_D.step()
@@ -768,9 +744,8 @@ def frechet_distance(mu1, s1, mu2, s2):
 
 
 def kid(f1, f2, n_subsets=100, subset_size=1000, seed=0):
-    """Kernel Inception Distance's estimator (Binkowski et al. 2018): the unbiased MMD^2 with the
-    cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets. Near 0 for
-    samples of one distribution."""
+    """Kernel Inception Distance (Binkowski et al. 2018), near 0 for samples of one distribution:
+    the unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets."""
     f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
     rng, m, d = np.random.default_rng(seed), min(subset_size, len(f1), len(f2)), f1.shape[1]
     total = 0.0
@@ -892,11 +867,9 @@ def gaussian(f):
 
 
 class SampleEvaluator:
-    """Sample quality in the feature space of a classifier trained on the real training data: fd,
-    kid, is, modes and kl_uniform of --eval_samples images from one fixed set of z. The classifier
-    is trained the first time it is needed and cached in out_dir, keyed by the data. `reference`
-    then holds what real data reads (fd_real, kid_real, is_real, from a held-out slice of the
-    training set) and the classifier's test accuracy (clf_acc)."""
+    """fd, kid, is, modes, kl_uniform and prdc of --eval_samples images of G, from one fixed z. The
+    classifier is trained when first needed and cached in out_dir, keyed by the data; then
+    `reference` holds what real data reads (the *_real figures) and its test accuracy (clf_acc)."""
 
     def __init__(self, cfg, arrays, data, device, ctx):
         self.cfg, self.arrays, self.data, self.device, self.ctx = cfg, arrays, data, device, ctx
@@ -907,18 +880,16 @@ class SampleEvaluator:
         _, train_y, test_x, test_y = self.arrays
         tag = b"".join(a.tobytes() for a in self.arrays) + b"Classifier 16-32-128"
         path = os.path.join(cfg["out_dir"], f"classifier_{hashlib.sha1(tag).hexdigest()[:16]}.pt")
-        # a fixed slice of the training set is held out from the classifier: real images that stand
-        # in for the samples, so the reference figures say what "as good as real data" reads
+        # a fixed slice held out from the classifier: what real images read in the samples' place
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).to(device)
         n_hold = min(cfg["eval_samples"], len(data) // 6)
         hold, fit = perm[:n_hold], perm[n_hold:]
         y = torch.from_numpy(train_y.astype(np.int64)).to(device)
-        x_test = to_device(test_x, device)
 
         train = lambda: train_classifier(Classifier, data[fit], y[fit], device)  # noqa: E731
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             self.clf, took = cached_classifier(path, Classifier, train, device)
-        self.f_test, p_test = embed(self.clf, x_test)
+        self.f_test, p_test = embed(self.clf, to_device(test_x, device))
         acc = float((p_test.argmax(1) == test_y).mean())
         if took is not None:
             print(
@@ -933,10 +904,9 @@ class SampleEvaluator:
             )
         self.test = gaussian(self.f_test)
         f_ref, p_ref = embed(self.clf, data[hold])
-        fd_real = frechet_distance(*gaussian(f_ref), *self.test)
         self.reference = {
             "clf_acc": acc,
-            "fd_real": fd_real,
+            "fd_real": frechet_distance(*gaussian(f_ref), *self.test),
             "kid_real": kid(f_ref, self.f_test),
             "is_real": classifier_score(p_ref),
         }
@@ -945,7 +915,6 @@ class SampleEvaluator:
         self.reference.update({f"{k}_real": v for k, v in real.items()})
 
     def __call__(self, G, epoch):
-        """fd, kid, is, modes, kl_uniform of --eval_samples images of G from one fixed set of z."""
         t0 = time.perf_counter()  # the first call's includes the classifier's set-up
         if self.clf is None:
             self.setup()
@@ -953,10 +922,8 @@ class SampleEvaluator:
         gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 2)  # not training's RNG
         G.eval()
         with torch.no_grad(), self.ctx:
-            chunks = torch.arange(cfg["eval_samples"]).split(1000)
-            z = [
-                torch.randn(len(c), cfg["latent_dim"], generator=gen, device=device) for c in chunks
-            ]
+            sizes = [len(c) for c in torch.arange(cfg["eval_samples"]).split(1000)]
+            z = [torch.randn(n, cfg["latent_dim"], generator=gen, device=device) for n in sizes]
             imgs = torch.cat([G(zc).float().flatten(1) for zc in z])
         G.train()
         f, p = embed(self.clf, imgs)
@@ -1193,28 +1160,21 @@ def main(argv=None):
         perm = None if perm is None else perm.to(device)
         print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
     log = {"script": SCRIPT, "config": cfg, "records": records}
-    total_steps = cfg["epochs"] * steps_per_epoch
-    if cfg["max_iters"]:
-        total_steps = min(total_steps, cfg["max_iters"])
+    total_steps = min(cfg["epochs"] * steps_per_epoch, cfg["max_iters"] or math.inf)
     profiler = StepProfiler(cfg["profile"], step + WARMUP_STEPS, total_steps, out_dir, device)
 
     # compile: keep the raw modules for checkpoints, samples and the double backward of GP and R1
     G_c, D_c = G, D
     if cfg["compile"]:
         G_c, D_c = torch.compile(G, dynamic=False), torch.compile(D, dynamic=False)
-    step_fn = functools.partial(
-        train_step, cfg, modules, G_c, D_c, total_steps=total_steps, ctx=ctx
-    )
+    step_fn = partial(train_step, cfg, modules, G_c, D_c, total_steps=total_steps, ctx=ctx)
     if cfg["cuda_graph"]:
         step_fn = GraphedStep(step_fn, cfg["n_critic"])
 
-    # evaluation; samples from one fixed z (its own generator: the training RNG stays as it is);
-    # the meter (g_step: whether G stepped, for g_loss's mean); Ctrl-C
+    # evaluation; samples from one fixed z (its own generator, not training's RNG); meter; Ctrl-C
     evaluator = SampleEvaluator(cfg, arrays, data, device, ctx)
-    z_fixed = torch.randn(
-        25, cfg["latent_dim"], generator=torch.Generator().manual_seed(cfg["seed"] + 1)
-    )
-    z_fixed = z_fixed.to(device)
+    fixed_rng = torch.Generator().manual_seed(cfg["seed"] + 1)
+    z_fixed = torch.randn(25, cfg["latent_dim"], generator=fixed_rng).to(device)
     keys = log_keys(cfg)
     meter = Meter(keys + ["g_step"], cfg["log_interval"], device, sums)
     ctrl_c = CtrlC()
@@ -1227,14 +1187,12 @@ def main(argv=None):
     if step == 0:
         save_samples(G, z_fixed, ctx, sample_path.format(step))
     saved_step = step if ckpt is not None else None
-    # the final throughput leaves out the warm-up (compiling) and the profiled steps
-    start_step, bench_start = step, profiler.end
+    start_step, bench_start = step, profiler.end  # after the warm-up (compiling) and profile
     last_epoch, eval_seconds, start = math.ceil(total_steps / steps_per_epoch), None, True
     t_start = time.perf_counter()
     t_interval = t_epoch = t_start  # start of the progress interval, and of the epoch's timed part
     bench_t0, paused = None, 0.0  # the final throughput: from bench_start, less checkpoint time
     while step < total_steps:
-        # -------------------------------------------------------------------------------------
         # training step: one epoch = one permutation of the training set
         if perm is None:
             perm = torch.randperm(N, device=device)
@@ -1245,13 +1203,11 @@ def main(argv=None):
         step += 1
         profiler(step)
 
-        # -------------------------------------------------------------------------------------
         # read the meter back (a sync) only where it is needed: progress, epoch end, the timing
         end_of_epoch = step % steps_per_epoch == 0
         last_step = step == total_steps or ctrl_c.pressed
         if step % cfg["log_interval"] == 0 or end_of_epoch or last_step or step == bench_start:
-            bad = meter.flush()
-            if bad:
+            if bad := meter.flush():
                 hint = "lower the learning rate or try another --loss"
                 die(nan_message(bad, epoch, ckpt_path, saved_step, hint))
         if step == bench_start:  # the clock starts after the warm-up's work is done
@@ -1304,7 +1260,6 @@ def main(argv=None):
         if last_step:
             break
 
-    # -----------------------------------------------------------------------------------------
     if device.type == "cuda":
         torch.cuda.synchronize()
     if bench_t0 is not None:
