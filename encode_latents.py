@@ -340,11 +340,8 @@ class Items(torch.utils.data.Dataset):
                 img.load()
             return to_square(img, self.size), i, ""
         except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, ...)
-            return (
-                torch.zeros(3, self.size, self.size, dtype=torch.uint8),
-                i,
-                f"{type(e).__name__}: {e}",
-            )
+            blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+            return blank, i, f"{type(e).__name__}: {e}"
 
 
 def load_vae(name, subfolder, device, dtype):

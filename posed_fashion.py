@@ -396,9 +396,10 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0):
     return out
 
 
-# the case the defaults were tuned on: sandal, sneaker, ankle boot, each half mirrored. Any three
-# classes and any pose of posed() run the same test (docs/pose.md).
-POSE_CASE = ((5, 7, 9), "mirror", None)
+# the case the defaults were tuned on: sandal, sneaker, ankle boot, each half mirrored, and by an
+# independent coin half dimmed (docs/style.md). Any three classes, any pose of posed() and any
+# style of styled() run the same test (docs/pose.md).
+POSE_CASE = ((5, 7, 9), "mirror", "dim")
 POSE_VAE_STEPS = 200
 # the small model of docs/results_fashion.md, 1,280 steps, with the short run's recipe: twice the
 # learning rate, and id's weight falling as lambda_ds does (docs/pose.md)
@@ -408,16 +409,23 @@ LEARN = (
 ).split()
 
 
-def pose_case(folder, classes, pose, style=None, seed=0, *flags):
-    """The learning test's run, in folder: 2,000 images of each class, posed (and styled); a tiny
-    VAE trained on them for 200 steps; their latents; the small model for 1,280 steps (with flags
-    after the test's). Returns (the log's evaluation records, judge_translations of the run)."""
+def posed_latents(folder, classes, pose, style=None):
+    """The learning test's data, in folder: 2,000 images of each class, posed (and styled); a tiny
+    VAE trained on them for 200 steps; their latents. Returns (latents file, VAE folder, scale)."""
     images, x = write_posed_fashion(os.path.join(folder, "posed"), classes, pose, style)
-    vae_dir, lat, out = (os.path.join(folder, f) for f in ("vae", "posed.pt", "run"))
+    vae_dir, lat = (os.path.join(folder, f) for f in ("vae", "posed.pt"))
     vae, _ = train_vae(x, steps=POSE_VAE_STEPS)
     vae.save_pretrained(vae_dir)
     run("encode_latents.py", "--images", images, "--size", 64, "--vae", vae_dir, "--out", lat)
-    scale = vae.config.scaling_factor
+    return lat, vae_dir, vae.config.scaling_factor
+
+
+def pose_case(folder, classes, pose, style=None, seed=0, *flags, data=None):
+    """The learning test's run, in folder: posed_latents (or data, what it returned), then the
+    small model for 1,280 steps (with flags after the test's). Returns (the log's evaluation
+    records, judge_translations of the run)."""
+    lat, vae_dir, scale = data or posed_latents(folder, classes, pose, style)
+    out = os.path.join(folder, "run")
     args = ["--data", lat, "--out_dir", out, "--latent_scale", scale, "--seed", seed]
     run("train_latent_stargan.py", *args, *LEARN, *flags, timeout=900)
     evals = [r for r in load_log(out)["records"] if "acc_ref" in r]

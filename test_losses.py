@@ -506,6 +506,28 @@ def test_stargan_batched_calls_equal_separate_calls():
     )
 
 
+def test_stargan_stats_loss_is_the_style_statistics_l1():
+    # T(x) per latent: each channel's mean and (unbiased) standard deviation over the positions,
+    # then its mean |x[h+1, w] - x[h, w]| and mean |x[h, w+1] - x[h, w]|; stats = mean |T(a) - T(b)|
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+
+    def reference(lat):
+        rows = []
+        for x in lat:
+            mean = [x[c].mean() for c in range(3)]
+            std = [x[c].flatten().std() for c in range(3)]
+            dv = [(x[c, 1:] - x[c, :-1]).abs().mean() for c in range(3)]
+            dh = [(x[c, :, 1:] - x[c, :, :-1]).abs().mean() for c in range(3)]
+            rows.append(torch.stack(mean + std + dv + dh))
+        return torch.stack(rows).float()  # T works in float32
+
+    torch.testing.assert_close(stargan.style_features(a), reference(a))
+    torch.testing.assert_close(stargan.stats_loss(a, b), (reference(a) - reference(b)).abs().mean())
+    # the look, not where things are: a mirror leaves it exactly, a brighter latent does not
+    assert stargan.stats_loss(a.flip(-1), a) < 1e-6 and stargan.stats_loss(a + 0.5, a) > 0.1
+
+
 def test_stargan_structure_loss_is_the_self_similarity_l1():
     # S[p, q] = cos(x_p - m, x_q - m) over the latent vectors x_p of a latent's positions, m their
     # mean; struct = mean |S(output) - S(source)|. Written out with loops here.
@@ -570,8 +592,8 @@ def test_stargan_views_move_latents_exactly():
     torch.testing.assert_close(px_w, px_w.round())
 
 
-def ada(p, target=None, interval=4, kimg=0.064, batch=16):
-    cfg = dict(ada_target=target, ada_p=p, ada_interval=interval, ada_kimg=kimg)
+def ada(p, target=None, interval=4, kimg=0.064, batch=16, p_max=1.0):
+    cfg = dict(ada_target=target, ada_p=p, ada_interval=interval, ada_kimg=kimg, ada_p_max=p_max)
     return stargan.AdaptiveAugment({**cfg, "batch_size": batch, "seed": 0}, torch.device("cpu"))
 
 
@@ -612,7 +634,7 @@ def test_stargan_ada_ops_are_exact_and_pass_gradients():
 
 def test_stargan_ada_p_moves_by_the_sign_of_r_t_minus_the_target():
     # StyleGAN2-ADA: every interval steps p += sign(r_t - target) * batch * interval / (kimg
-    # 1000), r_t the mean sign(D(x_ref)) over those steps; clamped to [0, 1]
+    # 1000), r_t the mean sign(D(x_ref)) over those steps; clamped to [0, ada_p_max]
     a = ada(None, target=0.6, interval=4, kimg=0.064, batch=16)  # steps of 16 * 4 / 64 = 1
     a.speed = 0.25  # smaller steps for the test
     for step, r in enumerate([1.0, 1.0, 0.2, 0.6], 1):  # r_t = 0.7 > 0.6: up
@@ -627,6 +649,10 @@ def test_stargan_ada_p_moves_by_the_sign_of_r_t_minus_the_target():
     for step in range(13, 13 + 4 * 6):  # no higher than 1
         a.step(torch.tensor(1.0), step)
     assert float(a.p) == 1.0
+    capped = ada(None, target=0.6, p_max=0.4)  # and no higher than the ceiling
+    for step in range(1, 4 * 3):
+        capped.step(torch.tensor(1.0), step)
+    assert float(capped.p) == pytest.approx(0.4)
     assert ada(None, target=0.6, kimg=500).speed == 16 * 4 / 500e3
     fixed = ada(0.3)  # --ada_p: p stays
     for step in range(1, 9):

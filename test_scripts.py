@@ -1068,8 +1068,8 @@ STARGAN_TINY = (
     "--batch_size 8 --epoch_size 32 --n_samples 2 --eval_interval 0 --device cpu"
 ).split()
 STARGAN_KEYS = set(
-    "epoch step d_loss g_loss g_adv sty ds cyc id struct r1 r2 d_real d_fake ada_rt ada_p "
-    "lambda_ds".split()
+    "epoch step d_loss g_loss g_adv sty ds cyc id struct stats f_match r1 r2 d_real d_fake ada_rt "
+    "ada_p lambda_ds".split()
 )
 STARGAN_KEYS |= {"imgs_per_sec", "time"}
 STARGAN_EVAL = {"acc_ref", "acc_lat", "fd_0", "fd_1", "fd_2", "fd_mean", "div", "cyc_err", *PRDC}
@@ -1115,6 +1115,7 @@ def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
         out,
         *"--epochs 3 --ds_decay_epochs 2 --r1_interval 2 --log_interval 2".split(),
         *"--w_sty 0.5 --w_cyc 2 --w_struct 0.5 --id_decay_epochs 2 --eval_interval 2".split(),
+        *"--w_stats 2".split(),
     )
     assert "0, 1, 2: 54 training and 6 held-out latents 4x4x4, 4 steps/epoch" in p.stdout
     progress = [line for line in p.stdout.splitlines() if line.startswith("epoch ")]
@@ -1136,6 +1137,7 @@ def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
         "w_id",
         "id_decay_epochs",
         "w_struct",
+        "w_stats",
         "w_r1",
         "r1_interval",
         "e_flip",
@@ -1171,10 +1173,11 @@ def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
             + cfg["w_cyc"] * r["cyc"]
             + id_weight * r["id"]
             + cfg["w_struct"] * r["struct"]
+            + cfg["w_stats"] * r["stats"]
             - r["lambda_ds"] * r["ds"]
         )
         assert r["g_loss"] == pytest.approx(expect, rel=1e-5, abs=1e-6)
-        assert r["r1"] > 0 and r["id"] > 0 and r["cyc"] > 0 and r["struct"] > 0
+        assert r["r1"] > 0 and r["id"] > 0 and r["cyc"] > 0 and r["struct"] > 0 < r["stats"]
     for e in (1, 2, 3):
         img = np.asarray(Image.open(os.path.join(out, "samples", f"epoch00{e}.png")).convert("RGB"))
         # the references' row above 2 sources; the source, 3 by reference, 3 by z: 32 px cells
@@ -1332,7 +1335,7 @@ def test_stargan_ada_raises_p_where_d_memorises(tiny_latents, tmp_path):
     # E[sign(D(x_ref))] goes to 1, p with it, until the augmentation stops the memorising), and
     # 2,000 a domain, where r_t rises only early, while D beats a new G, and p falls back to 0.
     # p over the second half of 30 epochs (120 steps of 8); measured 0.8 and 0.08, alike on 1
-    # and 2 threads
+    # and 2 threads. The ceiling lifted (--ada_p_max 1), so that plot_losses's leak warning shows
     d, gen, n = load_pt(tiny_latents), torch.Generator().manual_seed(0), 2000
     labels = torch.arange(3).repeat_interleave(n)
     lat = torch.randn(3 * n, 4, 4, 4, generator=gen) + 0.5 * labels.view(-1, 1, 1, 1)
@@ -1343,11 +1346,41 @@ def test_stargan_ada_raises_p_where_d_memorises(tiny_latents, tmp_path):
         data, out = str(tmp_path / f"{name}.pt"), str(tmp_path / name)
         paths = [f"{i}.png" for i in keep.tolist()]
         torch.save({**d, "latents": lat[keep].half(), "labels": labels[keep], "paths": paths}, data)
-        stargan(data, out, *flags.split(), "--ada_target", 0.6, "--ada_kimg", 0.3)
+        stargan(data, out, *flags.split(), "--ada_target", 0.6, "--ada_kimg", 0.3, "--ada_p_max", 1)
         late[name] = np.mean([r["ada_p"] for r in load_log(out)["records"][15:]])
     assert late["small"] > 0.5 and late["large"] < 0.2, late
     p = run("plot_losses.py", str(tmp_path / "small" / "log.json"), "--diagnose")
     assert "the augmentation may leak: ada_p reached" in p.stdout
+
+
+def test_stargan_ada_keeps_the_latent_path_where_d_memorises(posed_shoes, tmp_path):
+    # 20 training latents a domain of the posed shoes (20 more held out): D learns them by heart
+    # at once, r_t stays near 1 and p rises at full speed. Without a ceiling p ran to 1 and stayed
+    # there, the pipe leaked into G, and the latent path left its domain: acc_lat 0.54 against
+    # 0.93 without ADA (seed 0; docs/ada.md). p now stops at --ada_p_max (0.4).
+    lat, _, scale = posed_shoes[1]
+    d, gen = load_pt(lat), torch.Generator().manual_seed(0)
+    keep = torch.cat(
+        [torch.nonzero(d["labels"] == k).flatten()[torch.randperm(2000, generator=gen)[:40]]
+         for k in range(3)]
+    )  # fmt: skip
+    small = str(tmp_path / "small.pt")
+    part = {"latents": d["latents"][keep], "labels": d["labels"][keep]}
+    torch.save({**d, **part, "paths": [d["paths"][i] for i in keep.tolist()]}, small)
+    flags = (
+        "--g_dim 64 --e_dim 32 --d_dim 32 --f_dim 128 --batch_size 16 --epoch_size 1024 "
+        "--epochs 4 --ds_decay_epochs 2 --val_fraction 0.5 --eval_interval 4 --no-decode "
+        f"--device cpu --latent_scale {scale}"
+    ).split()
+    recs = {}
+    for arm, ada in (("off", []), ("ada", ["--ada_target", "0.6", "--ada_kimg", "0.5"])):
+        out = str(tmp_path / arm)
+        run("train_latent_stargan.py", "--data", small, "--out_dir", out, *flags, *ada)
+        recs[arm] = load_log(out)["records"]
+    p = [r["ada_p"] for r in recs["ada"]]
+    assert p[0] == pytest.approx(0.4) and max(p) <= 0.4 + 1e-6, p  # up at once, to the ceiling
+    acc = {arm: r[-1]["acc_lat"] for arm, r in recs.items()}
+    assert acc["ada"] >= acc["off"] - 0.15, acc  # measured 0.87 and 0.93 (with p = 1: 0.54)
 
 
 def test_stargan_resume_refuses_what_it_cannot_continue(tiny_latents, tmp_path):
@@ -1924,9 +1957,28 @@ def test_stargan_content_tells_a_translator_from_a_copier(tmp_path):
 # VAE, by judges fitted on real images decoded through the same VAE.
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION), reason="apt-get install dataset-fashion-mnist")
-def test_stargan_translates_keeping_the_pose_on_fashion_mnist(tmp_path):
-    evals, judged = pf.pose_case(str(tmp_path), *pf.POSE_CASE)
+# Not reached in the test's 1,280 steps, with the short run's recipe (docs/style.md): measured
+STYLE_XFAIL = "STYLE_FIGURES"
+
+
+@pytest.fixture(scope="module")
+def posed_shoes(tmp_path_factory):
+    """The posed (and styled) shoes of posed_fashion.POSE_CASE, their VAE and latents: built once
+    for the tests that train on them. (folder, (latents file, VAE folder, scale))."""
+    if not os.path.isdir(FASHION):
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    folder = str(tmp_path_factory.mktemp("posed"))
+    return folder, pf.posed_latents(folder, *pf.POSE_CASE)
+
+
+@pytest.fixture(scope="module")
+def pose_run(posed_shoes):
+    folder, data = posed_shoes
+    return pf.pose_case(folder, *pf.POSE_CASE, data=data)
+
+
+def test_stargan_translates_keeping_the_pose_on_fashion_mnist(pose_run):
+    evals, judged = pose_run
     # the evaluation's figures, in the log: the target domain, diversity, content
     first, last = evals[0], evals[-1]
     assert [r["epoch"] for r in evals] == [5, 10, 15, 20]
@@ -1944,6 +1996,20 @@ def test_stargan_translates_keeping_the_pose_on_fashion_mnist(tmp_path):
     assert judged["class_ref"] >= 0.8 and judged["class_lat"] >= 0.8, judged
     # and the label-free content measure sees it
     assert last["content_ref"] >= 0.4 and last["content_lat"] >= 0.4, last
+    # half of every domain is dim (an independent coin): the style judge works, and the
+    # label-free style measures are logged with their real-data level
+    assert judged["style_judge"] >= 0.95, judged
+    assert all(0 <= last[k] for k in ("style_lat", "style_ref", "style_cov")), last
+    assert 0 < first["style_cov_real"] <= 1, first
+
+
+@pytest.mark.xfail(strict=True, reason=STYLE_XFAIL)
+def test_stargan_takes_the_style_by_reference_and_by_z_on_fashion_mnist(pose_run):
+    # the same run: by reference the output takes the reference's brightness (over the pairs whose
+    # reference has the other one), and by z each brightness comes out in its real share
+    _, judged = pose_run
+    assert judged["style_lat_gap"] <= 0.2, judged
+    assert judged["style_ref"] >= 0.9, judged
 
 
 # -----------------------------------------------------------------------------

@@ -28,17 +28,17 @@ One step (seed 001). content, x_ref = latents * latent_scale; y_trg uniform, nev
       cyc = L1(G(fake_ref, s_src), content) + L1(G(fake_lat, s_src), content), s_src = E(content)
       id = L1(G(content, s_src), content) when w_id > 0, else logged as 0; with
       --id_decay_epochs N, w_id falls as lambda_ds does over N epochs (default 0: constant)
+      --w_struct, --w_stats and --w_f_match add terms of our own (default 0): docs/latent_stargan.md
   lambda_ds(epoch) = w_ds * (1 - clamp((epoch - 1) / ds_decay_epochs, 0, 1)): w_ds at epoch 1,
       0 from epoch ds_decay_epochs + 1.
 Every loss is computed on the scaled latents. G, E and F are updated together; D separately.
 --adv_loss nsgan (StarGAN v2's BCE) or rpgan (R3GAN's relativistic pairing, each fake against the
 real x_ref of its row) replace d_hinge and g_adv; --w_r2 adds R2, R1 on the fakes, on R1's steps.
 
-Output in --out_dir: log.json (per-epoch means of d_loss g_loss g_adv sty ds cyc id r1 r2 d_real
-d_fake, with lambda_ds, imgs_per_sec and time, and the evaluation figures), samples/epochNNN.png
-(reference- and latent-guided translations, decoded through the VAE when it loads), ckpt.pt
-(everything --resume needs, on any number of processes). --profile N adds profile.txt and
-profile.json: where N steps' time went (torch.profiler).
+Output in --out_dir: log.json (per-epoch means of LOG_KEYS, with lambda_ds, imgs_per_sec and
+time, and the evaluation figures), samples/epochNNN.png (reference- and latent-guided
+translations, decoded through the VAE when it loads), ckpt.pt (everything --resume needs, on any
+number of processes). --profile N adds profile.txt and profile.json: where N steps' time went.
 """
 
 import argparse
@@ -61,7 +61,8 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 SCRIPT = "train_latent_stargan.py"
 WARMUP_STEPS = 10  # steps left out of the final throughput (torch.compile compiles in the first)
-LOG_KEYS = "d_loss g_loss g_adv sty ds cyc id struct r1 r2 d_real d_fake ada_rt".split()
+LOG_KEYS = "d_loss g_loss g_adv sty ds cyc id struct stats f_match r1 r2 d_real d_fake ada_rt"
+LOG_KEYS = LOG_KEYS.split()
 ADV_LOSSES = ("hinge", "nsgan", "rpgan")
 PRDC = ("precision", "recall", "density", "coverage")
 ARCH = ("style_dim", "latent_dim", "g_dim", "g_blocks", "g_down", "e_dim", "d_dim", "f_dim")
@@ -94,20 +95,17 @@ def build_parser():
     p.add_argument("--g_blocks", type=positive_int, default=6,
                    help="generator residual blocks, half IN-encoder, half AdaIN-decoder (even)")
     p.add_argument("--g_down", type=nonneg_int, default=None,
-                   help="times the generator halves the latent size inside (default: 1, as "
-                        "StarGAN v2 at 256 px, or 0 where a halving would leave less than 8x8)")
+                   help="times G halves the latent size inside (default: 1, as StarGAN v2 "
+                        "at 256 px; 0 where a halving would leave less than 8x8)")
     p.add_argument("--e_dim", type=positive_int, default=128, help="style encoder base width")
     p.add_argument("--d_dim", type=positive_int, default=128, help="discriminator base width")
     p.add_argument("--f_dim", type=positive_int, default=512, help="mapping network width")
     p.add_argument("--f_shared", type=positive_int, default=3, help="mapping network shared layers")
-    # E's views: a style taken from a moved copy of its latent cannot carry the latent's pose, so
-    # G must take the pose from its source (docs/pose.md)
+    # E's views: styles from moved latents carry no pose; G takes it from its source (docs/pose.md)
     p.add_argument("--e_flip", type=unit_float, default=0.5,
-                   help="E sees each latent it takes a style from mirrored left-right with this "
-                        "probability (0: never)")
+                   help="chance that E sees a style's latent mirrored left-right (0: never)")
     p.add_argument("--e_shift", type=unit_float, default=0.25,
-                   help="... shifted by up to this share of its width and height, in whole "
-                        "latent pixels (0: not)")
+                   help="... shifted by up to this share of its size, in whole pixels (0: not)")
     p.add_argument("--e_zoom", type=unit_float, default=0.25,
                    help="... zoomed by a factor in [1 - e_zoom, 1 + e_zoom] (0: not)")
     # loss (seed 001's loss.* keys)
@@ -116,8 +114,7 @@ def build_parser():
     p.add_argument("--w_ds", type=nonneg_float, default=1.0,
                    help="initial weight of ds, diversity, subtracted from g_loss")
     p.add_argument("--ds_decay_epochs", type=nonneg_int, default=20,
-                   help="lambda_ds falls linearly from w_ds at epoch 1 to 0 at epoch "
-                        "ds_decay_epochs+1 (0: no decay)")
+                   help="lambda_ds falls linearly from w_ds to 0 in this many epochs (0: no decay)")
     p.add_argument("--ds_margin", type=nonneg_float, default=1.5,
                    help="ds is clamped at this L1 distance (0: no clamp)")
     p.add_argument("--w_cyc", type=nonneg_float, default=1.0,
@@ -125,11 +122,15 @@ def build_parser():
     p.add_argument("--w_id", type=nonneg_float, default=1.0,
                    help="weight of id, identity (0 skips the term and logs it as 0)")
     p.add_argument("--id_decay_epochs", type=nonneg_int, default=0,
-                   help="id's weight falls from w_id at epoch 1 to 0 at epoch id_decay_epochs+1, "
-                        "as lambda_ds does (0: constant, seed 001's)")
+                   help="w_id falls to 0 over this many epochs, as lambda_ds does (0: constant)")
     p.add_argument("--w_struct", type=nonneg_float, default=0.0,
-                   help="weight of struct, each translation's layout (its latent's self-"
-                        "similarity) against its source's (0: seed 001's losses exactly)")
+                   help="weight of struct: a translation's layout against its source's (0: off)")
+    p.add_argument("--w_stats", type=nonneg_float, default=0.0,
+                   help="weight of stats, the reference's style statistics in its translation "
+                        "(docs/style.md; 0: seed 001's losses exactly)")
+    p.add_argument("--w_f_match", type=nonneg_float, default=0.0,
+                   help="weight of f_match, F's styles onto E's of the same domain, so that z "
+                        "reaches the data's styles (docs/style.md; needs F to move: --f_lr 1e-4)")
     p.add_argument("--adv_loss", choices=ADV_LOSSES, default="hinge",
                    help="hinge (seed 001), nsgan (StarGAN v2's BCE) or rpgan (R3GAN's, each fake "
                         "paired with the real reference of its row)")
@@ -146,7 +147,9 @@ def build_parser():
                    help="a fixed augmentation probability instead (DiffAugment-style)")
     p.add_argument("--ada_interval", type=positive_int, default=4, help="steps between p's moves")
     p.add_argument("--ada_kimg", type=positive_float, default=500,
-                   help="thousands of latents for p to move from 0 to 1 (small runs need less)")
+                   help="thousands of latents for p to move from 0 to 1 (short runs: 20)")
+    p.add_argument("--ada_p_max", type=probability, default=0.4,
+                   help="adaptive p's ceiling: above it the pipe leaks into G (docs/ada.md)")
     # schedule and optimizers
     p.add_argument("--epochs", type=positive_int, default=100, help="epochs")
     p.add_argument("--epoch_size", type=positive_int, default=6144,
@@ -160,8 +163,7 @@ def build_parser():
     p.add_argument("--betas", type=unit_float, nargs=2, default=[0.0, 0.99], help="Adam betas")
     p.add_argument("--weight_decay", type=nonneg_float, default=1e-4, help="Adam weight decay")
     p.add_argument("--ema", type=unit_float, default=0.999,
-                   help="EMA beta of G, E and F for samples and evaluation, warmed up: at step t "
-                        "it is min(ema, (1 + t) / (10 + t)) (StarGAN v2: 0.999; 0: off)")
+                   help="EMA beta of G, E, F for samples and eval (StarGAN v2: 0.999; 0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     # I/O
     p.add_argument("--out_dir", default="out/latent_stargan", help="log.json, samples/, ckpt.pt")
@@ -180,8 +182,7 @@ def build_parser():
                    help="warn when the domain classifier's held-out accuracy is below this")
     # translate your own images with a trained run (--out_dir RUN): StarGAN v2's --mode sample
     p.add_argument("--translate", default=None, metavar="SRC_DIR",
-                   help="translate the images under SRC_DIR (sub-folders too) with RUN's EMA "
-                        "networks, instead of training")
+                   help="translate the images under SRC_DIR with RUN's EMA networks, not train")
     p.add_argument("--ref", default=None, metavar="REF_DIR",
                    help="--translate by reference: one sub-folder per domain, named as in training")
     p.add_argument("--target", default=None, metavar="DOMAIN",
@@ -210,9 +211,8 @@ def parse_config(argv=None):
     if cfg["translate"] and (cfg["ref"] is None) == (cfg["target"] is None):
         die("--translate takes either --ref REF_DIR (one sub-folder per domain) or --target DOMAIN")
     ckpt = None
-    if cfg["resume"] or cfg["translate"]:
+    if cfg["resume"] or cfg["translate"]:  # the flags not typed take the checkpoint's values
         ckpt = load_checkpoint(cfg["out_dir"], "--translate" if cfg["translate"] else "--resume")
-    if ckpt is not None:  # the flags not typed take the checkpoint's values
         kept = {k: v for k, v in ckpt["config"].items() if k not in SYSTEM + TRANSLATE}
         cfg = {**cfg, **kept, **{k: cfg[k] for k in typed}}
         if cfg["resume"] and not cfg["translate"]:
@@ -221,16 +221,14 @@ def parse_config(argv=None):
         die(f"--g_blocks must be even (half encoder, half decoder), got {cfg['g_blocks']}")
     if cfg["ada_target"] is not None and cfg["ada_p"] is not None:
         die("--ada_target adapts p and --ada_p fixes it: give one of them")
-    if cfg["epoch_size"] < cfg["batch_size"]:
-        die(
-            f"--epoch_size counts samples: {cfg['epoch_size']} is less than one batch of "
-            f"{cfg['batch_size']}"
-        )
+    B = cfg["batch_size"]
+    if cfg["epoch_size"] < B:
+        die(f"--epoch_size counts samples: {cfg['epoch_size']} is less than one batch of {B}")
     if cfg["eval_interval"] and cfg["val_fraction"] <= 0:
         die("evaluation needs held-out latents: give --val_fraction > 0, or --eval_interval 0")
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes, all of them
-    if cfg["batch_size"] % world:
-        die(f"--batch_size {cfg['batch_size']} is the global batch and {world} processes cannot "
+    if B % world:
+        die(f"--batch_size {B} is the global batch and {world} processes cannot "
             f"share it evenly; give a multiple of {world}")  # fmt: skip
     return cfg | system_config(cfg) | {"world_size": world}, ckpt
 
@@ -308,11 +306,9 @@ def load_checkpoint(out_dir, flag="--resume"):
     """out_dir/ckpt.pt of this script, on the CPU; one line and exit 2 if missing or foreign."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
-        how = (
-            "start without --resume, or give its --out_dir"
-            if flag == "--resume"
-            else "give --out_dir"
-        )
+        how = "give --out_dir"
+        if flag == "--resume":
+            how = "start without --resume, or give its --out_dir"
         die(f"{flag}: no checkpoint at {path}; {how} of a run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -350,10 +346,8 @@ def system_config(cfg):
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {cfg['device']}: CUDA is not available here; use --device cpu")
     dtype = cfg["dtype"] or ("bfloat16" if dev.type == "cuda" else "float32")
-    return {
-        "dtype": dtype,
-        "compile": dev.type == "cuda" if cfg["compile"] is None else cfg["compile"],
-    }
+    compiled = dev.type == "cuda" if cfg["compile"] is None else cfg["compile"]
+    return {"dtype": dtype, "compile": compiled}
 
 
 # -----------------------------------------------------------------------------
@@ -392,8 +386,7 @@ def d_adv_loss(kind, real_logits, fake_logits):
 
 def g_adv_loss(kind, fake_logits, real_logits=None):
     """G's adversarial loss on one path. hinge: seed 001's g_adversarial_loss (-mean). nsgan:
-    BCE(D(G(x, s)), 1) = mean softplus(-fake). rpgan: mean softplus(real - fake), per pair: it
-    reads the real logits."""
+    BCE(D(G(x, s)), 1) = mean softplus(-fake). rpgan: mean softplus(real - fake), per pair."""
     if kind == "hinge":
         return g_adversarial_loss(fake_logits)
     if kind == "nsgan":
@@ -422,9 +415,8 @@ def style_reconstruction_loss(pred_style, target_style):
 
 def diversity_sensitive_loss(fake_1, fake_2, margin=None):
     """L1(fake_1, fake_2), clamped at margin when one is set. It enters g_loss with a minus sign."""
-    dist = batch_mean(
-        F.l1_loss(fake_1, fake_2)
-    )  # under torchrun: the whole batch's, as one process
+    # under torchrun: the whole batch's, as one process
+    dist = batch_mean(F.l1_loss(fake_1, fake_2))
     return dist.clamp(max=margin) if margin else dist
 
 
@@ -456,9 +448,33 @@ def structure_loss(output, source):
     return F.l1_loss(self_similarity(output), self_similarity(source))
 
 
+def stats_loss(output, reference):
+    """L1(T(G(x, E(x_ref))), T(x_ref)), T = style_features (each channel's mean and spread, its
+    mean vertical and horizontal step): the reference's look reaches its translation, not only
+    what E keeps of it (AdaIN's style loss, Huang & Belongie 2017, here on the latent). T does
+    not see where things are, so the source's pose and layout stay free."""
+    return F.l1_loss(style_features(output), style_features(reference))
+
+
+def f_match_loss(s_lat, y_lat, s_real, y_real, n_proj=64):
+    """F's styles onto E's, per domain: the sliced Wasserstein-1 distance between as many of each
+    (the mean L1 between their sorted projections on n_proj random unit directions), averaged over
+    the domains both hold. It sees how E's styles lie together (two clusters, not one mean and
+    spread), which moment matching does not. E's styles come detached: F moves, E does not.
+    Under torchrun, each rank's slice (its mean over the ranks, not the whole batch's)."""
+    proj = F.normalize(torch.randn(s_lat.shape[1], n_proj, device=s_lat.device), dim=0)
+    losses = []
+    for d in torch.unique(y_lat).tolist():
+        f, e = s_lat[y_lat == d], s_real[y_real == d]
+        n = min(len(f), len(e))
+        if n >= 2:
+            pf, pe = (f[:n] @ proj).sort(0)[0], (e[:n] @ proj).sort(0)[0]
+            losses.append((pf - pe).abs().mean())
+    return torch.stack(losses).mean() if losses else s_lat.new_zeros(())
+
+
 def lambda_ds(epoch, w_ds, ds_decay_epochs):
-    """The diversity weight at an epoch (counted from 1): w_ds, falling linearly to 0 at
-    ds_decay_epochs + 1. ds_decay_epochs 0 means no decay."""
+    """w_ds at epoch 1, falling linearly to 0 at epoch ds_decay_epochs + 1 (0: no decay)."""
     if ds_decay_epochs <= 0:
         return float(w_ds)
     progress = min(max((epoch - 1) / ds_decay_epochs, 0.0), 1.0)
@@ -473,8 +489,7 @@ def he_init(module):
     """StarGAN v2's init (its core/utils.py), for G, E and F: He-normal weights (fan in, ReLU
     gain), zero biases. PyTorch's default init shrinks a signal by about sqrt(6) per Linear + ReLU
     layer: through F's 6 such layers its style of a z is nearly a constant per domain (measured:
-    styles of two z differ by L1 0.002 against 0.7 with this init), so G starts out, and stays,
-    blind to z."""
+    styles of two z differ by L1 0.002 against 0.7 with this init), so G stays blind to z."""
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
         if module.bias is not None:
@@ -482,8 +497,7 @@ def he_init(module):
 
 
 class ResBlk(nn.Module):
-    """Pre-activation residual block: [IN] lrelu conv [pool] [IN] lrelu conv, plus a shortcut,
-    over sqrt(2)."""
+    """Pre-activation residual block: [IN] lrelu conv [pool] [IN] lrelu conv, plus a shortcut."""
 
     def __init__(self, dim_in, dim_out, normalize=False, downsample=False, sn=False):
         super().__init__()
@@ -589,8 +603,7 @@ class MappingNetwork(nn.Module):
 
 
 def conv_trunk(channels, size, dim, max_dim, sn):
-    """E's and D's trunk: a conv, residual blocks halving the size down to 4x4 (at most 3 times),
-    then a conv to 1x1."""
+    """E's and D's trunk: a conv, up to 3 residual blocks halving the size to 4x4, a conv to 1x1."""
     n_down = max(0, min(3, int(math.log2(size)) - 2))
     wrap = spectral_norm if sn else (lambda m: m)
     layers, d = [wrap(nn.Conv2d(channels, dim, 3, 1, 1))], dim
@@ -636,38 +649,34 @@ class Discriminator(nn.Module):
 
 
 def load_latents(path):
-    """The latents .pt of encode_latents.py, checked. ValueError says what is wrong."""
+    """The latents .pt of encode_latents.py, checked. ValueError says what is wrong with it."""
     if not os.path.exists(path):
-        raise ValueError(
-            f"--data {path}: no such file; make one with encode_latents.py --out {path}"
-        )
+        raise ValueError(f"no such file; make one with encode_latents.py --out {path}")
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        why = f"{type(e).__name__}: {first_line(e)}"
-        raise ValueError(f"--data {path}: cannot be loaded ({why})") from None
+        raise ValueError(f"cannot be loaded ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(d, dict) or not {"latents", "labels", "domains"} <= set(d):
         raise ValueError(
-            f"--data {path}: not a latents file of encode_latents.py (it needs "
-            "'latents', 'labels', 'domains')"
+            "not a latents file of encode_latents.py (it needs 'latents', 'labels', 'domains')"
         )
     lat, labels, domains = d["latents"], d["labels"], list(d["domains"])
     if not torch.is_tensor(lat) or lat.dim() != 4:
         shape = tuple(getattr(lat, "shape", ()))
-        raise ValueError(f"--data {path}: latents of shape {shape}, expected (N, C, H, W)")
+        raise ValueError(f"latents of shape {shape}, expected (N, C, H, W)")
     if not torch.is_tensor(labels) or labels.shape != (len(lat),):
         shape = tuple(getattr(labels, "shape", ()))
-        raise ValueError(f"--data {path}: {len(lat)} latents but labels of shape {shape}")
+        raise ValueError(f"{len(lat)} latents but labels of shape {shape}")
     if len(domains) < 2:
         raise ValueError(
-            f"--data {path}: {len(domains)} domain ({', '.join(domains)}); the "
-            "StarGAN translates between domains and needs at least 2"
+            f"{len(domains)} domain ({', '.join(domains)}); the StarGAN translates between "
+            "domains and needs at least 2"
         )
     counts = torch.bincount(labels.long(), minlength=len(domains))
     if len(counts) > len(domains) or labels.min() < 0 or (counts < 2).any():
         raise ValueError(
-            f"--data {path}: labels must be 0..{len(domains) - 1} with at least 2 "
-            f"latents per domain (counts {counts.tolist()})"
+            f"labels must be 0..{len(domains) - 1} with at least 2 latents per domain (counts "
+            f"{counts.tolist()})"
         )
     return d
 
@@ -727,10 +736,8 @@ def samples_vae(cfg, meta, device):
         except ValueError as e:
             note = str(e).split(" Offline?")[0] + "; "
     if vae is None:
-        print(
-            f"samples: {note}saving each latent's 4 channels as a 2x2 grayscale mosaic "
-            "instead of decoded images"
-        )
+        mosaic = "each latent's 4 channels as a 2x2 grayscale mosaic instead of decoded images"
+        print(f"samples: {note}saving {mosaic}")
     return vae
 
 
@@ -747,9 +754,8 @@ def latent_mosaic(lat, real):
 
 def random_views(n, flip, shift, zoom, size, device):
     """n random geometries, as the affine matrices (n, 2, 3) of view(): each mirrored left-right
-    with probability flip, shifted by up to shift of the width and height of a latent of size
-    (H, W) in whole latent pixels, and zoomed by a factor in [1 - zoom, 1 + zoom]. Drawn for the
-    whole batch from the global RNG, as the batch is (torchrun: every rank takes its slice)."""
+    with probability flip, shifted by up to shift of the size (H, W) in whole latent pixels, and
+    zoomed in [1 - zoom, 1 + zoom]. From the global RNG, as the batch is (torchrun: sliced)."""
     (H, W), theta = size, torch.zeros(n, 2, 3, device=device)
     mirror = torch.where(torch.rand(n, device=device) < flip, -1.0, 1.0)
     scale = 1 / (1 + zoom * (2 * torch.rand(n, device=device) - 1))
@@ -771,15 +777,16 @@ class AdaptiveAugment:
     """ADA (StyleGAN2-ADA, Karras et al. 2020) on latents. Every latent D sees goes through one
     pipe of geometric ops, each applied per latent with probability p: a left-right mirror, an
     integer translation by up to 1/8 of the width and height (the border repeated), and a cutout
-    of a square half the latent's side. A latent is not an image, so no colour op; these move or
-    hide latent pixels, which means the same in every channel. Every --ada_interval steps p moves
-    by sign(r_t - ada_target) * batch * interval / (ada_kimg * 1000), clamped to [0, 1], where
-    r_t = E[sign(D(x_ref))] over those steps (the ranks' mean under torchrun); --ada_p fixes p.
-    Its draws come from its own generator, so the run's other draws are those of a run without
-    it, and p = 0 computes what that run computes. p, r_t's sum and the generator are state."""
+    of a square half the latent's side; no colour op, as a latent is not an image (docs/ada.md).
+    Every --ada_interval steps p moves by sign(r_t - ada_target) * batch * interval / (ada_kimg *
+    1000), clamped to [0, ada_p_max], where r_t = E[sign(D(x_ref))] over those steps (the ranks'
+    mean under torchrun); --ada_p fixes p. Its draws come from its own generator, so the run's
+    other draws are those of a run without it, and p = 0 computes what that run computes. p, r_t's
+    sum and the generator are state."""
 
     def __init__(self, cfg, device, state=None):
         self.target, self.interval = cfg["ada_target"], cfg["ada_interval"]
+        self.p_max = cfg["ada_p_max"]
         self.speed = cfg["batch_size"] * cfg["ada_interval"] / (cfg["ada_kimg"] * 1000)
         self.gen = torch.Generator(device).manual_seed(cfg["seed"])
         self.p = torch.tensor(float(cfg["ada_p"] or 0.0), device=device)
@@ -803,9 +810,8 @@ class AdaptiveAugment:
         cols = torch.where(on[0, :, None], W - 1 - cols, cols)  # the mirror
         centre = torch.rand(2, n, 1, 1, generator=g, device=dev)
         xs, ys = ((torch.arange(m, device=dev) + 0.5) / m for m in (W, H))
-        cut = ((xs.view(1, 1, W) - centre[0]).abs() < 0.25) & (
-            (ys.view(1, H, 1) - centre[1]).abs() < 0.25
-        )
+        in_x = (xs.view(1, 1, W) - centre[0]).abs() < 0.25
+        cut = in_x & ((ys.view(1, H, 1) - centre[1]).abs() < 0.25)
         return rows, cols, (~(cut & on[2].view(n, 1, 1))).float()[:, None]
 
     def step(self, sign_mean, step):
@@ -815,7 +821,7 @@ class AdaptiveAugment:
             self.share()
             if self.target is not None:
                 move = torch.sign(self.rt_sum / self.interval - self.target) * self.speed
-                self.p.copy_((self.p + move).clamp(0, 1))
+                self.p.copy_((self.p + move).clamp(0, self.p_max))
             self.rt_sum.zero_()
 
     def share(self):
@@ -887,10 +893,8 @@ class SampleGrids:
     def __init__(self, cfg, latents, labels, K, pool, vae):
         gen = torch.Generator().manual_seed(cfg["seed"] + 1)
         device = latents.device
-        pool_labels = labels[pool]
         self.src = pool[torch.randperm(len(pool), generator=gen)[: cfg["n_samples"]].to(device)]
-        first = [pool[torch.nonzero(pool_labels == d).flatten()[0]] for d in range(K)]
-        self.refs = torch.stack(first)
+        self.refs = torch.stack([pool[torch.nonzero(labels[pool] == d)[0, 0]] for d in range(K)])
         self.z = torch.randn(K, cfg["latent_dim"], generator=gen).to(device)
         self.cfg, self.latents, self.labels, self.vae, self.K = cfg, latents, labels, vae, K
 
@@ -902,11 +906,8 @@ class SampleGrids:
         with ctx:
             s_ref, s_lat = E(x_ref, self.labels[self.refs]), F_(self.z, ar)
             styles = torch.cat([s_ref, s_lat]).repeat(n, 1)
-            out = (
-                G(x_src.repeat_interleave(2 * K, 0), styles)
-                .float()
-                .view(n, 2 * K, *x_src.shape[1:])
-            )
+            out = G(x_src.repeat_interleave(2 * K, 0), styles).float()
+        out = out.view(n, 2 * K, *x_src.shape[1:])
         blank = torch.full_like(x_src[:1], float("nan"))
         top = torch.cat([blank, x_ref] + [blank] * K)
         cells = torch.cat([top] + [torch.cat([x_src[i : i + 1], out[i]]) for i in range(n)])
@@ -928,14 +929,8 @@ def checkpoint(cfg, run, modules, device):
     (the raw modules, never a compiled wrapper), the RNG states and the config."""
     rng_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     states = {k: m.state_dict() for k, m in modules.items()}
-    return {
-        "script": SCRIPT,
-        "config": cfg,
-        **run,
-        **states,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": rng_cuda,
-    }
+    rng = {"rng_cpu": torch.get_rng_state(), "rng_cuda": rng_cuda}
+    return {"script": SCRIPT, "config": cfg, **run, **states, **rng}
 
 
 def restore(ckpt, modules, device):
@@ -953,8 +948,7 @@ def restore(ckpt, modules, device):
 
 def resume(cfg, ckpt, modules, device, verbose=True):
     """Loads a checkpoint into modules, with the flags' learning rates, betas and weight decay
-    (not the saved ones). Returns where the run stands: step, epoch, the epoch's partial sums,
-    the time spent, and the log's records up to the checkpoint's step."""
+    (not the saved ones). Returns where the run stands, and the log's records up to its step."""
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     try:
         restore(ckpt, modules, device)
@@ -1001,8 +995,7 @@ def frechet_distance(mu1, s1, mu2, s2):
 
 
 class DomainClassifier(nn.Module):
-    """A small conv net that predicts a latent's domain; its penultimate layer (64 ReLU features)
-    is the evaluation's feature space."""
+    """A latent's domain, by a small conv net; its 64 ReLU features are the evaluation's space."""
 
     def __init__(self, channels=4, num_domains=2, width=32):
         super().__init__()
@@ -1125,12 +1118,9 @@ def content_score(sources, outs):
     """content: whether translations keep their sources, label-free. sources (n, C, H, W), all
     of one domain; outs (m, n, C, H, W), their translations into one other domain under m styles
     that every source shares. Over every pair of translations under two different styles, the
-    Pearson correlation between how far apart (Euclidean, in latent space) their sources are and
-    how far apart they are; two translations of one source have sources 0 apart. 1: translations
-    differ as their sources differ (G = identity); 0: the source does not matter (G copies its
-    reference, or draws from the style alone: the pairs' distances then depend on the styles
-    only, and over all pairs of sources the correlation is exactly 0); near 0 too where the
-    style matters far more than the source."""
+    Pearson correlation between how far apart (Euclidean) their sources are (0 for the same source)
+    and how far apart they are. 1: G = identity; 0: the source does not matter (G copies its
+    reference, or draws from the style alone), near 0 where the style matters far more."""
     m = len(outs)
     src = sources.flatten(1).double()
     o = outs.flatten(2).double()
@@ -1146,17 +1136,10 @@ class TranslationEvaluator:
     """On the held-out latents, with the EMA networks: each source into every other domain, by a
     reference (a held-out latent of that domain) and by a fixed z. In the feature space of a
     domain classifier trained on the training split (cached in out_dir, keyed by the data):
-    acc_ref, acc_lat (the share classified as the target domain); fd_<domain>, fd_mean (the
-    latent-guided translations into a domain against all its real latents); div (mean pairwise L1
-    of n_div styles per source, in latent space); cyc_err (L1 of the latent-guided round trip);
-    precision_<domain>, recall_, density_, coverage_ and their means (prdc, against the domain's
-    training latents). Style, in style_features' space (each feature scaled by its spread over
-    the real latents): style_lat, how far apart two z take a source's translation, and
-    style_ref, how far apart two references take it, each over how far apart two real latents
-    of the target domain are (1: as real data; 0: one look whatever the z or the reference);
-    style_cov, the coverage of each domain's training latents by the latent-guided translations
-    into it. `reference` holds clf_acc and the held-out real latents' figures in their place:
-    fd_real, div_real, precision_real, recall_real, density_real, coverage_real, style_cov_real."""
+    acc_ref, acc_lat, fd_<domain>, fd_mean, prdc's figures per domain and their means; in latent
+    space: div, cyc_err, content_ref, content_lat; in style_features' space: style_lat, style_ref,
+    style_cov (docs/latent_stargan.md#evaluation). `reference` holds clf_acc and the held-out real
+    latents' figures in their place: fd_real, div_real, <prdc figure>_real, style_cov_real."""
 
     def __init__(self, cfg, meta, latents, labels, train_idx, val_idx, ctx):
         self.cfg, self.meta, self.latents, self.labels, self.ctx = cfg, meta, latents, labels, ctx
@@ -1184,9 +1167,8 @@ class TranslationEvaluator:
             )
         if acc < cfg["min_clf_acc"]:
             print(
-                f"warning: the domain classifier's held-out accuracy is {acc:.3f} (< "
-                f"--min_clf_acc {cfg['min_clf_acc']}): acc_ref, acc_lat and fd mean little with "
-                "it",
+                f"warning: the domain classifier's held-out accuracy is {acc:.3f} (< --min_clf_acc "
+                f"{cfg['min_clf_acc']}): acc_ref, acc_lat and fd mean little with it",
                 file=sys.stderr,
             )
         all_labels = self.meta["labels"].numpy()
@@ -1197,13 +1179,11 @@ class TranslationEvaluator:
         div_real = [mean_pairwise_l1(x_val[y_v == d]) for d in range(K)]  # div's measure, real data
         self.reference = {"clf_acc": acc, "fd_real": float(np.mean(fd_real))}
         self.reference["div_real"] = float(np.mean(div_real))
-        # precision, recall, density, coverage: against each domain's training latents (the
-        # held-out ones are not among them, so the real-data reference is fair)
+        # PRDC against each domain's training latents, which hold no held-out one: a fair reference
         f_t, y_t = f_all[self.train_idx.cpu().numpy()], labels[self.train_idx].cpu().numpy()
         self.train_feats = [torch.from_numpy(f_t[y_t == d]).float().to(device) for d in range(K)]
-        real = [
-            prdc(self.train_feats[d], torch.from_numpy(f_val[y_val == d]).float()) for d in range(K)
-        ]
+        f_v = [torch.from_numpy(f_val[y_val == d]).float() for d in range(K)]
+        real = [prdc(self.train_feats[d], f_v[d]) for d in range(K)]
         for m in PRDC:
             self.reference[f"{m}_real"] = float(np.mean([r[m] for r in real]))
         # style: features scaled by their spread over the real latents, each domain's training set
@@ -1221,27 +1201,24 @@ class TranslationEvaluator:
             self.setup()
         cfg, latents, labels, ctx = self.cfg, self.latents, self.labels, self.ctx
         K, device, val_idx = len(self.domains), latents.device, self.val_idx
-        gen = torch.Generator(device=device).manual_seed(
-            cfg["seed"] + 2
-        )  # training's RNG untouched
+        gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 2)  # not the training RNG
         x, y = latents[val_idx], labels[val_idx]
         y_t = torch.cat([(y + k) % K for k in range(1, K)])  # every source into every other domain
         x_s, y_s = x.repeat(K - 1, 1, 1, 1), y.repeat(K - 1)
         per_dom = [val_idx[labels[val_idx] == d] for d in range(K)]
-        picks = [
-            per_dom[t][torch.randint(len(per_dom[t]), (), generator=gen, device=device)]
-            for t in y_t.tolist()
-        ]
-        refs = torch.stack(picks)
-        z = torch.randn(len(x_s), cfg["latent_dim"], generator=gen, device=device)
+
+        def draw(g):  # a held-out reference of its target domain and a z, for every source
+            picks = [
+                per_dom[t][torch.randint(len(per_dom[t]), (), generator=g, device=device)]
+                for t in y_t.tolist()
+            ]
+            z = torch.randn(len(x_s), cfg["latent_dim"], generator=g, device=device)
+            return torch.stack(picks), z
+
+        refs, z = draw(gen)
         # a second reference and a second z for every source, for the style measures (from a
         # generator of their own: the other figures' draws stay as they were)
-        gen_2 = torch.Generator(device=device).manual_seed(cfg["seed"] + 3)
-        refs_2 = torch.stack(
-            [per_dom[t][torch.randint(len(per_dom[t]), (), generator=gen_2, device=device)]
-             for t in y_t.tolist()]
-        )  # fmt: skip
-        z_2 = torch.randn(len(x_s), cfg["latent_dim"], generator=gen_2, device=device)
+        refs_2, z_2 = draw(torch.Generator(device=device).manual_seed(cfg["seed"] + 3))
         fake_ref, fake_lat, rec, style_pairs = [], [], [], []
         for i in range(0, len(x_s), 256):
             sl = slice(i, i + 256)
@@ -1289,10 +1266,11 @@ class TranslationEvaluator:
         for k, d in enumerate(self.domains):
             out[f"fd_{d}"] = frechet_distance(*gaussian(f_lat[t == k]), *self.real[k])
         out["fd_mean"] = float(np.mean([out[f"fd_{d}"] for d in self.domains]))
-        per = {}  # as many translations into a domain as it has held-out latents: the reference's
+        # as many translations into a domain as it has held-out latents: the reference's
+        n_held = [int((labels[val_idx] == k).sum()) for k in range(K)]
+        per = {}
         for k, d in enumerate(self.domains):
-            n = int((self.labels[val_idx] == k).sum())
-            per[d] = prdc(self.train_feats[k], torch.from_numpy(f_lat[t == k][:n]).float())
+            per[d] = prdc(self.train_feats[k], torch.from_numpy(f_lat[t == k][: n_held[k]]).float())
         for m in PRDC:  # each target domain's, and their mean
             out.update({f"{m}_{d}": per[d][m] for d in self.domains})
             out[m] = float(np.mean([per[d][m] for d in self.domains]))
@@ -1301,7 +1279,6 @@ class TranslationEvaluator:
         out["content_lat"] = float(np.mean(content["lat"]))
         out["cyc_err"] = float((rec - x_s).abs().mean())
         out.update(style)
-        n_held = [int((labels[val_idx] == k).sum()) for k in range(K)]  # as prdc's fakes above
         cov = [prdc(self.train_style[k], s_fl[y_t == k][: n_held[k]]) for k in range(K)]
         out["style_cov"] = float(np.mean([c["coverage"] for c in cov]))
         ref = self.reference
@@ -1310,11 +1287,10 @@ class TranslationEvaluator:
             f"fd_mean {out['fd_mean']:.3f} (real latents {ref['fd_real']:.3f}) div "
             f"{out['div']:.4f} (real latents {ref['div_real']:.4f}) content_ref "
             f"{out['content_ref']:.3f} content_lat {out['content_lat']:.3f} cyc_err "
-            f"{out['cyc_err']:.4f} "
-            f"coverage {out['coverage']:.3f} (real latents {ref['coverage_real']:.3f}) style_lat "
-            f"{out['style_lat']:.3f} style_ref {out['style_ref']:.3f} style_cov "
-            f"{out['style_cov']:.3f} (real latents {ref['style_cov_real']:.3f}) in "
-            f"{time.perf_counter() - t0:.1f}s"
+            f"{out['cyc_err']:.4f} coverage {out['coverage']:.3f} (real latents "
+            f"{ref['coverage_real']:.3f}) style_lat {out['style_lat']:.3f} style_ref "
+            f"{out['style_ref']:.3f} style_cov {out['style_cov']:.3f} (real latents "
+            f"{ref['style_cov_real']:.3f}) in {time.perf_counter() - t0:.1f}s"
         )
         return out
 
@@ -1376,9 +1352,8 @@ def any_rank(flag, device):
 
 def g_down(cfg, size):
     """--g_down, or by default 1 (StarGAN v2's 16x16 bottleneck at 256 px, 32x32 latents) where
-    a halving leaves at least 8x8, else 0. G's source path through a 4x4 bottleneck loses the
-    pose: G then takes it from the style (docs/pose.md). One line for
-    more halvings than the generator has blocks for."""
+    a halving leaves at least 8x8, else 0: through a 4x4 bottleneck G's source path loses the
+    pose, which G then takes from the style (docs/pose.md). One line for too many halvings."""
     n = cfg["g_down"] if cfg["g_down"] is not None else int(size >= 16)
     if n > cfg["g_blocks"] // 2:
         die(f"--g_down must be at most g_blocks/2 = {cfg['g_blocks'] // 2}, got {n}")
@@ -1386,9 +1361,8 @@ def g_down(cfg, size):
 
 
 def build_models(cfg, shape, n_domains, device, ptdtype=torch.float32):
-    """G, E, F and D for latents of shape (C, H, W), the EMA copies of G, E and F, one fused Adam
-    for G, E and F (F at its own lr) and one for D, and their GradScalers (on for float16 only):
-    the dict a checkpoint saves, keyed as it is."""
+    """G, E, F, D for latents of shape (C, H, W), EMA copies of G, E, F, a fused Adam for G, E, F
+    (F at its own lr), one for D, their GradScalers (float16 only): the dict a checkpoint saves."""
     C, H, _ = shape
     n_down = g_down(cfg, H)
     G = Generator(C, cfg["g_dim"], cfg["style_dim"], cfg["g_blocks"], n_down).to(device)
@@ -1401,9 +1375,8 @@ def build_models(cfg, shape, n_domains, device, ptdtype=torch.float32):
     groups = [{"params": list(G.parameters()) + list(E.parameters()), "lr": cfg["lr"]}]
     groups.append({"params": list(Fm.parameters()), "lr": cfg["f_lr"]})
     modules = dict(G=G, E=E, F=Fm, D=D)
-    modules.update(
-        {f"{k}_ema": copy.deepcopy(m).eval() for k, m in (("G", G), ("E", E), ("F", Fm))}
-    )
+    for k, m in (("G", G), ("E", E), ("F", Fm)):
+        modules[f"{k}_ema"] = copy.deepcopy(m).eval()
     modules.update(opt_G=torch.optim.Adam(groups, **adam))
     modules.update(opt_D=torch.optim.Adam(D.parameters(), lr=cfg["lr"], **adam))
     for k in ("scaler_G", "scaler_D"):
@@ -1414,12 +1387,11 @@ def build_models(cfg, shape, n_domains, device, ptdtype=torch.float32):
 def load_data(cfg, device, main_rank):
     """The latents file, every latent on the device, scaled once, and its split: (meta, the
     held-out indices, draw_batch's pool: latents, labels, the training indices grouped by domain,
-    each group's size and start). Sets cfg["g_down"], so the log and the checkpoint say what the
-    default chose."""
+    each group's size and start). Sets cfg["g_down"]: the log and checkpoint say what it chose."""
     try:
         meta = load_latents(cfg["data"])
     except ValueError as e:
-        die(str(e))
+        die(f"--data {cfg['data']}: {e}")
     factor = float(meta.get("scaling_factor", cfg["latent_scale"]))
     if abs(cfg["latent_scale"] - factor) > 1e-6 and main_rank:
         print(
@@ -1441,8 +1413,7 @@ def load_data(cfg, device, main_rank):
 def draw_batch(cfg, pool, mine, ada):
     """One step's global batch, drawn alike on every rank (seed 001's step): sources, their
     domains, a target domain for each (uniform over the others), a reference of that domain, two
-    z, E's views and ADA's draws. Returns this rank's slice, `mine`, as train_step takes it.
-    pool: latents, labels, the training indices grouped by domain, each group's size and start."""
+    z, E's views and ADA's draws. Returns this rank's slice, `mine`, as train_step takes it."""
     latents, labels, train_sorted, dom_count, dom_start = pool
     B, K, (H, W), device = cfg["batch_size"], len(dom_count), latents.shape[2:], latents.device
     idx = train_sorted[torch.randint(len(train_sorted), (B,), device=device)]
@@ -1467,11 +1438,10 @@ def draw_batch(cfg, pool, mine, ada):
 def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
     """One step on this rank's slice of the batch: (content, y_src, y_trg, x_ref, z_trg, z_2,
     E's views, the ADA pipe's draws for D's step and for G's step; each of the last three None
-    when off).
-    nets: the G, E, F and D the step calls (compiled with --compile); R1's and R2's double
-    backward goes through the raw D in modules (a compiled graph has none). Returns the tensors
-    LOG_KEYS names: nothing is read back (no sync). lam: lambda_ds now; w_id: id's weight now
-    (--id_decay_epochs), cfg's w_id when None."""
+    when off). nets: the G, E, F and D the step calls (compiled with --compile); R1's and R2's
+    double backward goes through the raw D in modules (a compiled graph has none). Returns the
+    tensors LOG_KEYS names: nothing is read back (no sync). lam: lambda_ds now; w_id: id's
+    weight now (--id_decay_epochs), cfg's w_id when None."""
     G, E, Fm, D = nets
     opt_G, opt_D = modules["opt_G"], modules["opt_D"]
     scaler_G, scaler_D = modules["scaler_G"], modules["scaler_D"]
@@ -1492,8 +1462,7 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
         styles = torch.cat([s_ref, s_lat, s_2])
         fake_ref, fake_lat, fake_2 = G(content.repeat(3, 1, 1, 1), styles).chunk(3)
 
-    # D step: the adversarial loss on both paths, averaged; R1 every r1_interval steps,
-    # interval-compensated
+    # D step: the adversarial loss on both paths, averaged; R1 every r1_interval steps, compensated
     with ctx:
         d_in = augment(torch.cat([x_ref, fake_ref.detach(), fake_lat.detach()]), pipe_d)
         real_logits, fr_logits, fl_logits = D(d_in, y_trg.repeat(3)).float().chunk(3)
@@ -1548,14 +1517,23 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
         fakes = torch.cat([fake_ref, fake_lat]).float()
         struct = 2 * structure_loss(fakes, content.float().repeat(2, 1, 1, 1))
         g_loss = g_loss + cfg["w_struct"] * struct
+    stats = f_match = zero
+    if cfg["w_f_match"] > 0:  # z's styles (both draws) onto E's of the batch's latents
+        s_lat_all, s_real = torch.cat([s_lat, s_2]).float(), torch.cat([s_ref, s_src]).float()
+        y_real = torch.cat([y_trg, y_src])
+        f_match = f_match_loss(s_lat_all, y_trg.repeat(2), s_real.detach(), y_real)
+        g_loss = g_loss + cfg["w_f_match"] * f_match
+    if cfg["w_stats"] > 0:
+        stats = stats_loss(fake_ref.float(), x_ref.float())
+        g_loss = g_loss + cfg["w_stats"] * stats
     gef_params = [p for group in opt_G.param_groups for p in group["params"]]
     opt_G.zero_grad(set_to_none=True)
     scaler_G.scale(g_loss).backward(inputs=gef_params)  # G's, E's, F's grads: D's not needed
     average_gradients(gef_params)
     scaler_G.step(opt_G)
     scaler_G.update()
-    d_fake = torch.cat([fr_logits, fl_logits]).mean()
-    values = [d_loss, g_loss, g_adv, sty, ds, cyc, idl, struct, r1, r2, real_logits.mean(), d_fake]
+    values = [d_loss, g_loss, g_adv, sty, ds, cyc, idl, struct, stats, f_match, r1, r2]
+    values += [real_logits.mean(), torch.cat([fr_logits, fl_logits]).mean()]  # d_real, d_fake
     values.append(real_logits.sign().mean())  # ada_rt: this step's share of E[sign(D(x_ref))]
     return [v.detach() for v in values]
 
@@ -1574,9 +1552,8 @@ def update_ema(ema_pairs, step, ema):
 
 
 class Meter:
-    """Per-step scalars, kept on the device and read back by flush(): no host sync inside a step.
-    flush() adds them into the epoch's sums (plain floats: a checkpoint holds them) and into the
-    progress line's."""
+    """Per-step scalars, kept on the device (no host sync inside a step); flush() reads them back
+    into the epoch's sums (plain floats: a checkpoint holds them) and the progress line's."""
 
     def __init__(self, keys, size, device, sums=None):
         self.keys, self.buf, self.steps = keys, torch.zeros(size, len(keys), device=device), []
@@ -1622,8 +1599,7 @@ def duration(seconds):
 
 
 def evals_left(epoch, last_epoch, interval):
-    """How many evaluations the run still makes: every interval-th epoch from this one, and the
-    last."""
+    """How many evaluations the run still makes: every interval-th epoch from this one, the last."""
     if not interval:
         return 0
     return len({e for e in range(epoch, last_epoch + 1) if e % interval == 0} | {last_epoch})
@@ -1641,18 +1617,15 @@ def eta(steps_left, step_seconds, evals, eval_seconds):
 
 def run_length(steps, interval_seconds, n, first):
     """On the first progress line: how many steps the run takes, and about how long."""
-    return (
-        f" | this run: {steps} steps, about {duration(steps * interval_seconds / n)}"
-        if first
-        else ""
-    )
+    if not first:
+        return ""
+    return f" | this run: {steps} steps, about {duration(steps * interval_seconds / n)}"
 
 
 def nan_message(bad, epoch, ckpt_path, saved_step, hint):
     step, keys = bad
-    if saved_step is None:
-        kept = "No checkpoint was written yet"
-    else:
+    kept = "No checkpoint was written yet"
+    if saved_step is not None:
         kept = f"The last good checkpoint is {ckpt_path} (step {saved_step})"
     return (
         f"non-finite {', '.join(keys)} at step {step + 1} (epoch {epoch}); stopped. {kept}; {hint}"
@@ -1666,8 +1639,7 @@ class StepProfiler:
     share of it spent in kernels; the rest is launching them and host work."""
 
     def __init__(self, steps, start, total_steps, out_dir, device, active=True):
-        """A run too short for the profile is refused here, before any work. active: whether this
-        process profiles and writes (rank 0 under torchrun)."""
+        """active: whether this process profiles and writes (rank 0 under torchrun)."""
         if steps and start + steps > total_steps:
             die(
                 f"--profile {steps}: the profile starts after {WARMUP_STEPS} warm-up steps and "
@@ -1724,12 +1696,6 @@ class CtrlC:
         self.pressed = True
         if "RANK" not in os.environ:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def evaluation_mode(nets, on):
-    """Put the networks in eval mode (on) or back in train mode."""
-    for m in nets:
-        m.train(not on)
 
 
 # -----------------------------------------------------------------------------
@@ -1793,11 +1759,8 @@ class Items(torch.utils.data.Dataset):
                 img.load()
             return to_square(img, self.size), i, ""
         except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, ...)
-            return (
-                torch.zeros(3, self.size, self.size, dtype=torch.uint8),
-                i,
-                f"{type(e).__name__}: {e}",
-            )
+            blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+            return blank, i, f"{type(e).__name__}: {e}"
 
 
 def run_networks(cfg, ckpt, device):
@@ -1816,9 +1779,8 @@ def run_networks(cfg, ckpt, device):
 
 
 def encoded_batches(vae, root, files, size, scale):
-    """The image files under root in batches of TRANSLATE_BATCH: (uint8 images (n, 3, size,
-    size), their scaled latents, the files kept), preprocessed as encode_latents.py does; an
-    unreadable image is skipped with a warning."""
+    """The image files under root in batches of TRANSLATE_BATCH: (uint8 images, their scaled
+    latents, the files kept), preprocessed as encode_latents.py does; unreadable ones skipped."""
     items = Items([(f, 0) for f in files], root, size)
     for start in range(0, len(files), TRANSLATE_BATCH):
         imgs, kept = [], []
@@ -1921,17 +1883,14 @@ def translate(cfg, ckpt):
         n += len(kept)
     if not n:
         die(f"--translate: no readable image in {cfg['translate']}")
-    # the grid: sources down the rows (first column), translations across; by reference, the
-    # references along the top
+    # the grid: sources down the first column, translations across, references along the top
     if cfg["ref"] is not None:
         rows.insert(0, [torch.full_like(top[0], -1)] + top)
     cells = torch.stack([img for row in rows for img in row])
     save_grid(cells, os.path.join(out, "grid.png"), nrow=min(m, GRID_COLS) + 1)
-    shown = (
-        f"the first {min(n, GRID_ROWS)} x {min(m, GRID_COLS)}"
-        if max(n - GRID_ROWS, m - GRID_COLS) > 0
-        else "all"
-    )
+    shown = "all"
+    if max(n - GRID_ROWS, m - GRID_COLS) > 0:
+        shown = f"the first {min(n, GRID_ROWS)} x {min(m, GRID_COLS)}"
     print(
         f"translated {n} images x {m} {'references' if cfg['ref'] else 'styles'} into {out} "
         f"({n * m} PNGs, and grid.png with {shown})"
@@ -1958,8 +1917,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions on Ampere+
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    ptdtype = ptdtype[cfg["dtype"]]
+    ptdtype = getattr(torch, cfg["dtype"])  # float32, bfloat16 or float16
     ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, ptdtype)
     out_dir = cfg["out_dir"]
     samples_dir = os.path.join(out_dir, "samples")
@@ -2076,7 +2034,8 @@ def main(argv=None):
                 if not end_of_epoch:
                     record["partial"] = True  # the epoch goes on after a resume, which replaces it
                 at_eval = end_of_epoch and epoch % max(cfg["eval_interval"], 1) == 0
-                evaluation_mode(shown, True)
+                for net in shown:
+                    net.eval()
                 if cfg["eval_interval"] and (step == total_steps or at_eval):
                     t_eval = time.perf_counter()
                     record.update(evaluator(*shown, epoch))  # evaluation figures join the record
@@ -2087,7 +2046,8 @@ def main(argv=None):
                 save_json_atomic(log, log_path)
                 tag = f"epoch{epoch:03d}" if end_of_epoch else f"step{step:06d}"
                 grids.save(*shown, ctx, os.path.join(samples_dir, f"{tag}.png"))
-                evaluation_mode(nets, False)
+                for net in nets:
+                    net.train()
             if end_of_epoch:
                 epoch, meter.sums = epoch + 1, None
             if ada is not None:

@@ -249,11 +249,9 @@ def load_checkpoint(out_dir, flag="--resume"):
     """out_dir/ckpt.pt of this script, on the CPU; one line and exit 2 if missing or foreign."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
-        how = (
-            "start without --resume, or give its --out_dir"
-            if flag == "--resume"
-            else "give --out_dir"
-        )
+        how = "give --out_dir"
+        if flag == "--resume":
+            how = "start without --resume, or give its --out_dir"
         die(f"{flag}: no checkpoint at {path}; {how} of a run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -291,10 +289,8 @@ def system_config(cfg):
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {cfg['device']}: CUDA is not available here; use --device cpu")
     dtype = cfg["dtype"] or ("bfloat16" if dev.type == "cuda" else "float32")
-    return {
-        "dtype": dtype,
-        "compile": dev.type == "cuda" if cfg["compile"] is None else cfg["compile"],
-    }
+    compiled = dev.type == "cuda" if cfg["compile"] is None else cfg["compile"]
+    return {"dtype": dtype, "compile": compiled}
 
 
 # -----------------------------------------------------------------------------
@@ -694,14 +690,8 @@ def checkpoint(cfg, run, modules, device):
     (the raw modules, never a compiled wrapper), the RNG states and the config."""
     rng_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     states = {k: m.state_dict() for k, m in modules.items()}
-    return {
-        "script": SCRIPT,
-        "config": cfg,
-        **run,
-        **states,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": rng_cuda,
-    }
+    rng = {"rng_cpu": torch.get_rng_state(), "rng_cuda": rng_cuda}
+    return {"script": SCRIPT, "config": cfg, **run, **states, **rng}
 
 
 def restore(ckpt, modules, device):
@@ -954,9 +944,8 @@ class SampleEvaluator:
 
 
 class Meter:
-    """Per-step scalars, kept on the device and read back by flush(): no host sync inside a step.
-    flush() adds them into the epoch's sums (plain floats: a checkpoint holds them) and into the
-    progress line's."""
+    """Per-step scalars, kept on the device (no host sync inside a step); flush() reads them back
+    into the epoch's sums (plain floats: a checkpoint holds them) and the progress line's."""
 
     def __init__(self, keys, size, device, sums=None):
         self.keys, self.buf, self.steps = keys, torch.zeros(size, len(keys), device=device), []
@@ -1002,8 +991,7 @@ def duration(seconds):
 
 
 def evals_left(epoch, last_epoch, interval):
-    """How many evaluations the run still makes: every interval-th epoch from this one, and the
-    last."""
+    """How many evaluations the run still makes: every interval-th epoch from this one, the last."""
     if not interval:
         return 0
     return len({e for e in range(epoch, last_epoch + 1) if e % interval == 0} | {last_epoch})
@@ -1021,18 +1009,15 @@ def eta(steps_left, step_seconds, evals, eval_seconds):
 
 def run_length(steps, interval_seconds, n, first):
     """On the first progress line: how many steps the run takes, and about how long."""
-    return (
-        f" | this run: {steps} steps, about {duration(steps * interval_seconds / n)}"
-        if first
-        else ""
-    )
+    if not first:
+        return ""
+    return f" | this run: {steps} steps, about {duration(steps * interval_seconds / n)}"
 
 
 def nan_message(bad, epoch, ckpt_path, saved_step, hint):
     step, keys = bad
-    if saved_step is None:
-        kept = "No checkpoint was written yet"
-    else:
+    kept = "No checkpoint was written yet"
+    if saved_step is not None:
         kept = f"The last good checkpoint is {ckpt_path} (step {saved_step})"
     return (
         f"non-finite {', '.join(keys)} at step {step + 1} (epoch {epoch}); stopped. {kept}; {hint}"
@@ -1046,8 +1031,7 @@ class StepProfiler:
     share of it spent in kernels; the rest is launching them and host work."""
 
     def __init__(self, steps, start, total_steps, out_dir, device, active=True):
-        """A run too short for the profile is refused here, before any work. active: whether this
-        process profiles and writes (rank 0 under torchrun)."""
+        """active: whether this process profiles and writes (rank 0 under torchrun)."""
         if steps and start + steps > total_steps:
             die(
                 f"--profile {steps}: the profile starts after {WARMUP_STEPS} warm-up steps and "
