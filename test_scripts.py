@@ -1957,8 +1957,10 @@ def test_stargan_content_tells_a_translator_from_a_copier(tmp_path):
 # VAE, by judges fitted on real images decoded through the same VAE.
 
 
-# Not reached in the test's 1,280 steps, with the short run's recipe (docs/style.md): measured
-STYLE_XFAIL = "STYLE_FIGURES"
+# Not reached in the test's 1,280 steps (docs/style.md). Seed 0: by reference 0.557, by z a gap of
+# 0.263; --w_stats 5 --w_f_match 1 --f_lr 1e-4 reach 0.80 and 0.20 there, but cost div and pose on
+# the scale case, so the recipe does not take them
+STYLE_XFAIL = "by reference 0.56 of 0.9, by z a gap of 0.26 over 0.2 (docs/style.md)"
 
 
 @pytest.fixture(scope="module")
@@ -1982,15 +1984,16 @@ def test_stargan_translates_keeping_the_pose_on_fashion_mnist(pose_run):
     # the evaluation's figures, in the log: the target domain, diversity, content
     first, last = evals[0], evals[-1]
     assert [r["epoch"] for r in evals] == [5, 10, 15, 20]
-    assert last["acc_ref"] >= 0.8 and last["acc_lat"] >= 0.8, last  # 0.92 / 0.95 (seed 0)
+    assert last["acc_ref"] >= 0.8 and last["acc_lat"] >= 0.8, last  # 0.93 / 0.88 (seed 0)
     assert last["fd_mean"] <= 0.5 * first["fd_mean"], (first["fd_mean"], last["fd_mean"])
     # diverse: one source under different z differs by a real share of what real latents of a
     # domain differ by (the bug this guards against: div 0.001 against div_real 0.72)
     assert last["div"] >= 0.25 * first["div_real"], (last["div"], first["div_real"])
     # judged on decoded images: each translation keeps its source's pose, by reference (where
     # the reference is posed the other way) and by z, and lands in the target domain, by each
-    # path alone. Seeds 0, 1, 2: pose by reference 0.98, 0.99, 0.99, by z 0.98, 0.98, 0.97;
-    # class by reference 0.87, 0.84, 0.88, by z 0.92, 0.94, 0.88
+    # path alone. Seed 0 (half dimmed): pose by reference 0.986, by z 0.953; class 0.888, 0.877.
+    # Without the dimming, seeds 0, 1, 2: pose 0.98, 0.99, 0.99 and 0.98, 0.98, 0.97; class
+    # 0.87, 0.84, 0.88 and 0.92, 0.94, 0.88
     assert judged["pose_judge"] >= 0.95 and judged["class_judge"] >= 0.85, judged  # judges work
     assert judged["pose_ref"] >= 0.9 and judged["pose_lat"] >= 0.9, judged
     assert judged["class_ref"] >= 0.8 and judged["class_lat"] >= 0.8, judged
