@@ -8,6 +8,7 @@ Nothing here touches the network: downloads go to a server on 127.0.0.1 that the
 to a closed port. GPU-only tests are skipped where there is no CUDA.
 """
 
+import concurrent.futures
 import contextlib
 import functools
 import gzip
@@ -1372,15 +1373,23 @@ def test_stargan_ada_keeps_the_latent_path_where_d_memorises(posed_shoes, tmp_pa
         "--epochs 4 --ds_decay_epochs 2 --val_fraction 0.5 --eval_interval 4 --no-decode "
         f"--device cpu --latent_scale {scale}"
     ).split()
-    recs = {}
-    for arm, ada in (("off", []), ("ada", ["--ada_target", "0.6", "--ada_kimg", "0.5"])):
+    arms = {"off": [], "ada": ["--ada_target", "0.6", "--ada_kimg", "0.5"]}
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # the two runs side by side, one core each
+
+    def train(arm):
         out = str(tmp_path / arm)
-        run("train_latent_stargan.py", "--data", small, "--out_dir", out, *flags, *ada)
-        recs[arm] = load_log(out)["records"]
+        args = ["--data", small, "--out_dir", out, *flags, *arms[arm]]
+        run("train_latent_stargan.py", *args, env=one_thread)
+        return load_log(out)["records"]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        recs = dict(zip(arms, pool.map(train, arms)))
     p = [r["ada_p"] for r in recs["ada"]]
     assert p[0] == pytest.approx(0.4) and max(p) <= 0.4 + 1e-6, p  # up at once, to the ceiling
+    # acc_lat measured 0.87 against 0.93 without ADA (0.79 against 0.96 on 2 threads); with p = 1
+    # 0.54 against 0.93
     acc = {arm: r[-1]["acc_lat"] for arm, r in recs.items()}
-    assert acc["ada"] >= acc["off"] - 0.15, acc  # measured 0.87 and 0.93 (with p = 1: 0.54)
+    assert acc["ada"] >= acc["off"] - 0.25, acc
 
 
 def test_stargan_resume_refuses_what_it_cannot_continue(tiny_latents, tmp_path):
