@@ -528,6 +528,36 @@ def test_stargan_stats_loss_is_the_style_statistics_l1():
     assert stargan.stats_loss(a.flip(-1), a) < 1e-6 and stargan.stats_loss(a + 0.5, a) > 0.1
 
 
+def test_stargan_f_match_loss_is_the_sliced_wasserstein_per_domain():
+    # per domain both hold (at least 2 of each): n = the smaller count, the first n of each,
+    # projected on the 64 unit directions drawn first (N(0, 1), normalised), each projection
+    # sorted; the mean |difference|; then the mean over those domains. Written out with loops.
+    s_f, s_e = torch.randn(7, 5), torch.randn(9, 5)
+    y_f, y_e = torch.tensor([0, 1, 0, 2, 1, 0, 2]), torch.tensor([1, 0, 1, 1, 2, 0, 0, 1, 1])
+    torch.manual_seed(3)
+    proj = torch.randn(5, 64)
+    proj = proj / proj.norm(dim=0, keepdim=True)
+    per = []
+    for d in (0, 1, 2):
+        f, e = s_f[y_f == d], s_e[y_e == d]
+        n = min(len(f), len(e))
+        if n < 2:
+            continue  # domain 2: one of E's
+        dist = [
+            (sorted((f[:n] @ proj[:, k]).tolist()), sorted((e[:n] @ proj[:, k]).tolist()))
+            for k in range(64)
+        ]
+        per.append(sum(abs(a - b) for u, v in dist for a, b in zip(u, v)) / (64 * n))
+    torch.manual_seed(3)
+    got = stargan.f_match_loss(s_f, y_f, s_e, y_e)
+    assert len(per) == 2 and float(got) == pytest.approx(sum(per) / 2, rel=1e-5)
+    # E's styles exactly: 0; and F's gradient flows, E's is not asked for
+    assert float(stargan.f_match_loss(s_e, y_e, s_e, y_e)) < 1e-6
+    s_f.requires_grad_(True)
+    stargan.f_match_loss(s_f, y_f, s_e, y_e).backward()
+    assert s_f.grad.abs().sum() > 0
+
+
 def test_stargan_structure_loss_is_the_self_similarity_l1():
     # S[p, q] = cos(x_p - m, x_q - m) over the latent vectors x_p of a latent's positions, m their
     # mean; struct = mean |S(output) - S(source)|. Written out with loops here.

@@ -1116,7 +1116,7 @@ def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
         out,
         *"--epochs 3 --ds_decay_epochs 2 --r1_interval 2 --log_interval 2".split(),
         *"--w_sty 0.5 --w_cyc 2 --w_struct 0.5 --id_decay_epochs 2 --eval_interval 2".split(),
-        *"--w_stats 2".split(),
+        *"--w_stats 2 --w_f_match 0.5".split(),
     )
     assert "0, 1, 2: 54 training and 6 held-out latents 4x4x4, 4 steps/epoch" in p.stdout
     progress = [line for line in p.stdout.splitlines() if line.startswith("epoch ")]
@@ -1139,6 +1139,7 @@ def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
         "id_decay_epochs",
         "w_struct",
         "w_stats",
+        "w_f_match",
         "w_r1",
         "r1_interval",
         "e_flip",
@@ -1175,10 +1176,12 @@ def test_stargan_trains_and_logs_every_loss(tiny_latents, tmp_path):
             + id_weight * r["id"]
             + cfg["w_struct"] * r["struct"]
             + cfg["w_stats"] * r["stats"]
+            + cfg["w_f_match"] * r["f_match"]
             - r["lambda_ds"] * r["ds"]
         )
         assert r["g_loss"] == pytest.approx(expect, rel=1e-5, abs=1e-6)
         assert r["r1"] > 0 and r["id"] > 0 and r["cyc"] > 0 and r["struct"] > 0 < r["stats"]
+        assert r["f_match"] > 0
     for e in (1, 2, 3):
         img = np.asarray(Image.open(os.path.join(out, "samples", f"epoch00{e}.png")).convert("RGB"))
         # the references' row above 2 sources; the source, 3 by reference, 3 by z: 32 px cells

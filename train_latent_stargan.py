@@ -461,7 +461,8 @@ def f_match_loss(s_lat, y_lat, s_real, y_real, n_proj=64):
     (the mean L1 between their sorted projections on n_proj random unit directions), averaged over
     the domains both hold. It sees how E's styles lie together (two clusters, not one mean and
     spread), which moment matching does not. E's styles come detached: F moves, E does not.
-    Under torchrun, each rank's slice (its mean over the ranks, not the whole batch's)."""
+    Under torchrun, each rank's slice (its mean over the ranks, not the whole batch's). It reads
+    the batch's domains back to the host: the one sync in a step, and only when it is on."""
     proj = F.normalize(torch.randn(s_lat.shape[1], n_proj, device=s_lat.device), dim=0)
     losses = []
     for d in torch.unique(y_lat).tolist():
@@ -1521,7 +1522,7 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
     if cfg["w_f_match"] > 0:  # z's styles (both draws) onto E's of the batch's latents
         s_lat_all, s_real = torch.cat([s_lat, s_2]).float(), torch.cat([s_ref, s_src]).float()
         y_real = torch.cat([y_trg, y_src])
-        f_match = f_match_loss(s_lat_all, y_trg.repeat(2), s_real.detach(), y_real)
+        f_match = f_match_loss(s_lat_all, y2, s_real.detach(), y_real)
         g_loss = g_loss + cfg["w_f_match"] * f_match
     if cfg["w_stats"] > 0:
         stats = stats_loss(fake_ref.float(), x_ref.float())
