@@ -63,6 +63,7 @@ SCRIPT = "train_latent_stargan.py"
 WARMUP_STEPS = 10  # steps left out of the final throughput (torch.compile compiles in the first)
 LOG_KEYS = "d_loss g_loss g_adv sty ds cyc id struct stats f_match r1 r2 d_real d_fake ada_rt"
 LOG_KEYS = LOG_KEYS.split()
+F_MATCH_N = 64  # f_match's draws: this many styles by F and by E of every domain, each step
 ADV_LOSSES = ("hinge", "nsgan", "rpgan")
 PRDC = ("precision", "recall", "density", "coverage")
 ARCH = ("style_dim", "latent_dim", "g_dim", "g_blocks", "g_down", "e_dim", "d_dim", "f_dim")
@@ -130,7 +131,7 @@ def build_parser():
                         "(docs/style.md; 0: seed 001's losses exactly)")
     p.add_argument("--w_f_match", type=nonneg_float, default=0.0,
                    help="weight of f_match, F's styles onto E's of the same domain, so that z "
-                        "reaches the data's styles (docs/style.md; needs F to move: --f_lr 1e-4)")
+                        "reaches the data's styles (docs/style.md; needs F to move: --f_lr 1e-3)")
     p.add_argument("--adv_loss", choices=ADV_LOSSES, default="hinge",
                    help="hinge (seed 001), nsgan (StarGAN v2's BCE) or rpgan (R3GAN's, each fake "
                         "paired with the real reference of its row)")
@@ -456,22 +457,18 @@ def stats_loss(output, reference):
     return F.l1_loss(style_features(output), style_features(reference))
 
 
-def f_match_loss(s_lat, y_lat, s_real, y_real, n_proj=64):
-    """F's styles onto E's, per domain: the sliced Wasserstein-1 distance between as many of each
-    (the mean L1 between their sorted projections on n_proj random unit directions), averaged over
-    the domains both hold. It sees how E's styles lie together (two clusters, not one mean and
-    spread), which moment matching does not. E's styles come detached: F moves, E does not.
-    Under torchrun, each rank's slice (its mean over the ranks, not the whole batch's). It reads
-    the batch's domains back to the host: the one sync in a step, and only when it is on."""
-    proj = F.normalize(torch.randn(s_lat.shape[1], n_proj, device=s_lat.device), dim=0)
-    losses = []
-    for d in torch.unique(y_lat).tolist():
-        f, e = s_lat[y_lat == d], s_real[y_real == d]
-        n = min(len(f), len(e))
-        if n >= 2:
-            pf, pe = (f[:n] @ proj).sort(0)[0], (e[:n] @ proj).sort(0)[0]
-            losses.append((pf - pe).abs().mean())
-    return torch.stack(losses).mean() if losses else s_lat.new_zeros(())
+def f_match_loss(s_f, s_e, n_proj=64, w_near=3.0):
+    """F's styles onto E's, per domain, on draws of a fixed size: s_f, s_e (K, M, D), M styles of
+    each domain by F (of fresh z) and by E (of real latents; detached: F moves, E does not). The
+    sliced Wasserstein-1 distance (the mean L1 between the sorted projections on n_proj random
+    unit directions), plus w_near times the mean distance from each of E's styles to its nearest
+    of F's (root mean square over the dimensions): every real style must have a z near it
+    (implicit maximum likelihood, Li & Malik 2019), so F's styles split into E's clusters (dim
+    and bright) instead of one cloud between them (docs/style.md)."""
+    proj = F.normalize(torch.randn(s_f.shape[2], n_proj, device=s_f.device), dim=0)
+    swd = ((s_f @ proj).sort(1)[0] - (s_e @ proj).sort(1)[0]).abs().mean()
+    near = torch.cdist(s_e, s_f).min(2)[0].mean() / math.sqrt(s_f.shape[2])
+    return swd + w_near * near
 
 
 def lambda_ds(epoch, w_ds, ds_decay_epochs):
@@ -1414,7 +1411,8 @@ def load_data(cfg, device, main_rank):
 def draw_batch(cfg, pool, mine, ada):
     """One step's global batch, drawn alike on every rank (seed 001's step): sources, their
     domains, a target domain for each (uniform over the others), a reference of that domain, two
-    z, E's views and ADA's draws. Returns this rank's slice, `mine`, as train_step takes it."""
+    z, E's views, ADA's draws and f_match's. Returns this rank's slice, `mine` (f_match's draws
+    whole), as train_step takes it."""
     latents, labels, train_sorted, dom_count, dom_start = pool
     B, K, (H, W), device = cfg["batch_size"], len(dom_count), latents.shape[2:], latents.device
     idx = train_sorted[torch.randint(len(train_sorted), (B,), device=device)]
@@ -1432,21 +1430,28 @@ def draw_batch(cfg, pool, mine, ada):
     if ada is not None:  # ADA's draws for what D sees (x_ref and both fakes), in each step
         draws = (ada.draw(3 * B, (H, W)) for _ in range(2))
         pipes = [[rank_rows(t, 3, mine) for t in d] for d in draws]
+    fm = None  # f_match's draws: F_MATCH_N training latents and z of every domain, alike on
+    if cfg["w_f_match"] > 0:  # every rank (so N processes compute what one does)
+        pick = (torch.rand(K, F_MATCH_N, device=device) * dom_count[:, None]).long()
+        pick = torch.minimum(pick, dom_count[:, None] - 1) + dom_start[:, None]
+        y_fm = torch.arange(K, device=device).repeat_interleave(F_MATCH_N)
+        z_fm = torch.randn(K * F_MATCH_N, cfg["latent_dim"], device=device)
+        fm = (latents[train_sorted[pick.flatten()]], z_fm, y_fm)
     batch = (latents[idx[mine]], y_src[mine], y_trg[mine], latents[ref[mine]])
-    return batch + (z_trg[mine], z_2[mine], views, *pipes)
+    return batch + (z_trg[mine], z_2[mine], views, *pipes, fm)
 
 
 def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
     """One step on this rank's slice of the batch: (content, y_src, y_trg, x_ref, z_trg, z_2,
-    E's views, the ADA pipe's draws for D's step and for G's step; each of the last three None
-    when off). nets: the G, E, F and D the step calls (compiled with --compile); R1's and R2's
-    double backward goes through the raw D in modules (a compiled graph has none). Returns the
-    tensors LOG_KEYS names: nothing is read back (no sync). lam: lambda_ds now; w_id: id's
-    weight now (--id_decay_epochs), cfg's w_id when None."""
+    E's views, the ADA pipe's draws for D's step and for G's step, f_match's (latents, z,
+    domains); each of the last four None when off). nets: the G, E, F and D the step calls
+    (compiled with --compile); R1's and R2's double backward goes through the raw D in modules
+    (a compiled graph has none). Returns the tensors LOG_KEYS names: nothing is read back (no
+    sync). lam: lambda_ds now; w_id: id's weight now (--id_decay_epochs), cfg's w_id when None."""
     G, E, Fm, D = nets
     opt_G, opt_D = modules["opt_G"], modules["opt_D"]
     scaler_G, scaler_D = modules["scaler_G"], modules["scaler_D"]
-    content, y_src, y_trg, x_ref, z_trg, z_2, views, pipe_d, pipe_g = batch
+    content, y_src, y_trg, x_ref, z_trg, z_2, views, pipe_d, pipe_g, fm = batch
     zero, kind = content.new_zeros(()), cfg["adv_loss"]
     # styles and fakes, once, before D's update. Calls are batched along dim 0: G, E and D have
     # no batch-dependent layer (instance norm is per sample), so this computes what separate
@@ -1519,10 +1524,13 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
         struct = 2 * structure_loss(fakes, content.float().repeat(2, 1, 1, 1))
         g_loss = g_loss + cfg["w_struct"] * struct
     stats = f_match = zero
-    if cfg["w_f_match"] > 0:  # z's styles (both draws) onto E's of the batch's latents
-        s_lat_all, s_real = torch.cat([s_lat, s_2]).float(), torch.cat([s_ref, s_src]).float()
-        y_real = torch.cat([y_trg, y_src])
-        f_match = f_match_loss(s_lat_all, y2, s_real.detach(), y_real)
+    if cfg["w_f_match"] > 0:  # F's styles of fresh z onto E's of real latents, every domain
+        x_fm, z_fm, y_fm = fm
+        with torch.no_grad(), ctx:
+            s_e = E(x_fm, y_fm).float().view(-1, F_MATCH_N, cfg["style_dim"])
+        with ctx:
+            s_f = Fm(z_fm, y_fm).float().view(-1, F_MATCH_N, cfg["style_dim"])
+        f_match = f_match_loss(s_f, s_e)
         g_loss = g_loss + cfg["w_f_match"] * f_match
     if cfg["w_stats"] > 0:
         stats = stats_loss(fake_ref.float(), x_ref.float())

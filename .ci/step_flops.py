@@ -58,7 +58,7 @@ def stargan(device, B, shape=(4, 32, 32), K=3):
     lat = torch.randn(2, B, *shape, device=device)
     z = torch.randn(2, B, cfg["latent_dim"], device=device)
     views = sg.random_views(2 * B, cfg["e_flip"], cfg["e_shift"], cfg["e_zoom"], shape[1:], device)
-    batch = (lat[0], y_src, y_trg, lat[1], z[0], z[1], views, None, None)  # ADA off
+    batch = (lat[0], y_src, y_trg, lat[1], z[0], z[1], views, None, None, None)  # ADA, f_match off
     plain = counted(lambda: sg.train_step(cfg, nets, m, batch, 1, 1.0, nullcontext()))
     r1 = counted(lambda: sg.train_step(cfg, nets, m, batch, 0, 1.0, nullcontext()))
     return plain, r1, cfg["r1_interval"]
