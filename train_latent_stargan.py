@@ -1418,9 +1418,13 @@ def draw_batch(cfg, pool, mine, ada):
     idx = train_sorted[torch.randint(len(train_sorted), (B,), device=device)]
     y_src = labels[idx]
     y_trg = (y_src + torch.randint(1, K, (B,), device=device)) % K  # uniform over the others
-    n_trg = dom_count[y_trg]
-    pick = (torch.rand(B, device=device) * n_trg).long().clamp_max(n_trg - 1)
-    ref = train_sorted[dom_start[y_trg] + pick]  # a reference of the target domain
+
+    def one_of(y):  # a training latent of each domain in y, uniform within it
+        n = dom_count[y]
+        pick = (torch.rand(len(y), device=device) * n).long().clamp_max(n - 1)
+        return train_sorted[dom_start[y] + pick]
+
+    ref = one_of(y_trg)  # a reference of the target domain
     z_trg, z_2 = torch.randn(2, B, cfg["latent_dim"], device=device)
     views = None  # E's views of x_ref (first B) and content (next B); none when all are 0
     if cfg["e_flip"] or cfg["e_shift"] or cfg["e_zoom"]:
@@ -1432,11 +1436,9 @@ def draw_batch(cfg, pool, mine, ada):
         pipes = [[rank_rows(t, 3, mine) for t in d] for d in draws]
     fm = None  # f_match's draws: F_MATCH_N training latents and z of every domain, alike on
     if cfg["w_f_match"] > 0:  # every rank (so N processes compute what one does)
-        pick = (torch.rand(K, F_MATCH_N, device=device) * dom_count[:, None]).long()
-        pick = torch.minimum(pick, dom_count[:, None] - 1) + dom_start[:, None]
         y_fm = torch.arange(K, device=device).repeat_interleave(F_MATCH_N)
-        z_fm = torch.randn(K * F_MATCH_N, cfg["latent_dim"], device=device)
-        fm = (latents[train_sorted[pick.flatten()]], z_fm, y_fm)
+        x_fm = latents[one_of(y_fm)]
+        fm = (x_fm, torch.randn(K * F_MATCH_N, cfg["latent_dim"], device=device), y_fm)
     batch = (latents[idx[mine]], y_src[mine], y_trg[mine], latents[ref[mine]])
     return batch + (z_trg[mine], z_2[mine], views, *pipes, fm)
 
