@@ -309,7 +309,9 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0):
     a diagnosis; pix_div_lat, pix_div_real: the mean pixel L1 (images in [0, 1]) between two
     translations of a source by two z, and between two real images of a domain}. With a style
     in the file names: style_ref, the share of translations by reference that take their
-    reference's style, over the pairs whose reference and source differ in it; style_lat_share
+    reference's style, over the pairs whose reference and source differ in it; style_same, the
+    same over the pairs where they agree (nothing to change: how well the judge reads
+    translations, a ceiling for style_ref); style_lat_share
     and style_real_share, the share of style 1 among the translations by z and the held-out
     real images; style_lat_gap, the difference."""
     import train_latent_stargan as sg
@@ -371,6 +373,7 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0):
         style_ref, style_z = judged(style_judge, img_ref), judged(style_judge, img_z)
         differ = style[ref] != style[src]
         out["style_ref"] = float((style_ref == style[ref])[differ].float().mean())
+        out["style_same"] = float((style_ref == style[ref])[~differ].float().mean())
         out["style_lat_share"] = float(style_z.float().mean())
         out["style_real_share"] = float(style[held].float().mean())
         out["style_lat_gap"] = abs(out["style_lat_share"] - out["style_real_share"])
