@@ -129,6 +129,9 @@ def build_parser():
     p.add_argument("--w_stats", type=nonneg_float, default=0.0,
                    help="weight of stats, the reference's style statistics in its translation "
                         "(docs/style.md; 0: seed 001's losses exactly)")
+    p.add_argument("--stats_e", action="store_true",
+                   help="stats trains E too: the reference's look reaches further, but E then "
+                        "carries what T sees, a garment's size too, to the output (docs/style.md)")
     p.add_argument("--w_f_match", type=nonneg_float, default=0.0,
                    help="weight of f_match, F's styles onto E's of the same domain, so that z "
                         "reaches the data's styles (docs/style.md; needs F to move: --f_lr 1e-3)")
@@ -450,10 +453,12 @@ def structure_loss(output, source):
 
 
 def stats_loss(output, reference):
-    """L1(T(G(x, E(x_ref))), T(x_ref)), T = style_features (each channel's mean and spread, its
-    mean vertical and horizontal step): the reference's look reaches its translation, not only
+    """L1(T(G(x, sg(E(x_ref)))), T(x_ref)), T = style_features (each channel's mean and spread,
+    its mean vertical and horizontal step): the reference's look reaches its translation, not only
     what E keeps of it (AdaIN's style loss, Huang & Belongie 2017, here on the latent). T does
-    not see where things are, so the source's pose and layout stay free."""
+    not see where things are, but a garment's size moves it as its brightness does; so the step
+    holds E's style (sg, detached) and stats trains G to render what the style says, not E to
+    say more: E asked for T carries the reference's size into the output (--stats_e does)."""
     return F.l1_loss(style_features(output), style_features(reference))
 
 
@@ -1467,8 +1472,12 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
     with ctx:
         s_ref, s_src = E(e_in, torch.cat([y_trg, y_src])).chunk(2)
         s_lat, s_2 = Fm(torch.cat([z_trg, z_2]), torch.cat([y_trg, y_trg])).chunk(2)
-        styles = torch.cat([s_ref, s_lat, s_2])
-        fake_ref, fake_lat, fake_2 = G(content.repeat(3, 1, 1, 1), styles).chunk(3)
+        # stats' translation: the reference's style held, so stats trains G only (stats_loss)
+        held = [s_ref.detach()] if cfg["w_stats"] > 0 and not cfg["stats_e"] else []
+        n = 3 + len(held)
+        fake_ref, fake_lat, fake_2, *fake_held = G(
+            content.repeat(n, 1, 1, 1), torch.cat([s_ref, s_lat, s_2, *held])
+        ).chunk(n)
 
     # D step: the adversarial loss on both paths, averaged; R1 every r1_interval steps, compensated
     with ctx:
@@ -1535,7 +1544,8 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
         f_match = f_match_loss(s_f, s_e)
         g_loss = g_loss + cfg["w_f_match"] * f_match
     if cfg["w_stats"] > 0:
-        stats = stats_loss(fake_ref.float(), x_ref.float())
+        fake_stats = fake_held[0] if fake_held else fake_ref  # fake_ref: --stats_e
+        stats = stats_loss(fake_stats.float(), x_ref.float())
         g_loss = g_loss + cfg["w_stats"] * stats
     gef_params = [p for group in opt_G.param_groups for p in group["params"]]
     opt_G.zero_grad(set_to_none=True)
