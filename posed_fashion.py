@@ -12,6 +12,7 @@ same VAE judge what a run's translations kept. test_scripts.py imports it; the d
     python posed_fashion.py tiny-vae DIR             # a random tiny VAE, seconds
     python posed_fashion.py case DIR [CLASSES [POSE [STYLE [SEED [FLAGS...]]]]]   # the test's run
     python posed_fashion.py vae-moves VAE_DIR        # moving a latent against moving its image
+    python posed_fashion.py pose-lane DIR            # the pose test's data and run, in JSON
 
 Unlike the four scripts it imports two of them (their loaders, networks and evaluation helpers):
 it is a lab, not a tool a user forks.
@@ -298,7 +299,53 @@ class Judge(torch.nn.Module):
         return f, self.head(f)
 
 
-def judge_translations(run_dir, lat_path, vae_dir, seed=0):
+def judge_data(lat_path, vae_dir, scale, val_fraction=0.05, seed=0):
+    """The real side of the judging: (scaled latents, domain labels, poses, styles or None, the
+    number of domains, the training and held-out indices as the run splits them, a function that
+    decodes latents to grayscale images, the seeded generator after drawing the judges' 3,000
+    training images, their indices)."""
+    import train_latent_stargan as sg
+
+    data, cpu = load_pt(lat_path), torch.device("cpu")
+    vae = sg.load_vae(vae_dir, None, cpu, torch.float32)
+    lat, labels = data["latents"].float() * scale, data["labels"]
+    names = [os.path.basename(p) for p in data["paths"]]
+    pose = torch.tensor([int(n[0]) for n in names])
+    style = torch.tensor([int(n[1]) for n in names]) if names[0][1] != "_" else None
+    K = len(data["domains"])
+    train, held = (torch.cat(t) for t in sg.split_domains(labels, K, val_fraction))
+
+    def images(latents):  # decoded, grayscale, (N, 1, size, size)
+        with torch.no_grad():
+            return sg.decode(vae, latents, scale).mean(1, keepdim=True)
+
+    gen = torch.Generator().manual_seed(seed)
+    fit_on = train[torch.randperm(len(train), generator=gen)[:3000]]
+    return lat, labels, pose, style, K, held, images, gen, fit_on
+
+
+def fit_judges(lat_path, vae_dir, names=("pose", "class", "style"), real=None, seed=0):
+    """{name: judge} for each of names (pose, class, style) the latents file's names hold: a
+    Judge fitted on 3,000 real training images decoded through the VAE. The pose test fits two
+    in its own process while the run trains in another (test_scripts.py's pose_lane)."""
+    import train_latent_stargan as sg
+
+    if real is None:
+        from diffusers import AutoencoderKL
+
+        scale = AutoencoderKL.load_config(vae_dir)["scaling_factor"]
+        real = judge_data(lat_path, vae_dir, scale, seed=seed)
+    lat, labels, pose, style, K, _, images, _, fit_on = real
+    truth = {"pose": (pose, 2), "class": (labels, K), "style": (style, 2)}
+    x = images(lat[fit_on])
+    return {
+        n: sg.train_classifier(lambda n=n: Judge(truth[n][1]), x, truth[n][0][fit_on],
+                               torch.device("cpu"), min_steps=600, seed=seed)
+        for n in names if truth[n][0] is not None
+    }  # fmt: skip
+
+
+def judge_translations(run_dir, lat_path, vae_dir, seed=0, judges=None):
     """Pose, class and style of a run's translations of its held-out sources, judged on decoded
     images: {pose_judge, class_judge (, style_judge): the judges' accuracy on held-out real
     images; pose_ref: the share of translations by reference that keep their source's pose, over
@@ -313,42 +360,29 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0):
     same over the pairs where they agree (nothing to change: how well the judge reads
     translations, a ceiling for style_ref); style_lat_share
     and style_real_share, the share of style 1 among the translations by z and the held-out
-    real images; style_lat_gap, the difference."""
+    real images; style_lat_gap, the difference. judges: fit_judges' judges, fitted here where
+    not given."""
     import train_latent_stargan as sg
 
     cpu = torch.device("cpu")
-    ckpt, data = load_pt(os.path.join(run_dir, "ckpt.pt")), load_pt(lat_path)
+    ckpt = load_pt(os.path.join(run_dir, "ckpt.pt"))
     cfg, scale = ckpt["config"], ckpt["config"]["latent_scale"]
     (G, E, F_), _ = sg.run_networks(cfg, ckpt, cpu)
-    vae = sg.load_vae(vae_dir, None, cpu, torch.float32)
-    lat, labels = data["latents"].float() * scale, data["labels"]
-    names = [os.path.basename(p) for p in data["paths"]]
-    pose = torch.tensor([int(n[0]) for n in names])
-    style = torch.tensor([int(n[1]) for n in names]) if names[0][1] != "_" else None
-    K = len(data["domains"])
-    train, held = (torch.cat(t) for t in sg.split_domains(labels, K, cfg["val_fraction"]))
-
-    def images(latents):  # decoded, grayscale, (N, 1, size, size)
-        with torch.no_grad():
-            return sg.decode(vae, latents, scale).mean(1, keepdim=True)
-
-    def fit(x, y, n):
-        return sg.train_classifier(lambda: Judge(n), x, y, cpu, min_steps=600, seed=seed)
+    real = judge_data(lat_path, vae_dir, scale, cfg["val_fraction"], seed)
+    lat, labels, pose, style, K, held, images, gen = real[:8]
+    judges = judges or fit_judges(lat_path, vae_dir, real=real, seed=seed)
+    pose_judge, class_judge, style_judge = (judges.get(n) for n in ("pose", "class", "style"))
 
     def judged(judge, x):
         with torch.no_grad():
             return torch.cat([judge(c)[1].argmax(1) for c in x.split(500)])
 
-    gen = torch.Generator().manual_seed(seed)
-    fit_on = train[torch.randperm(len(train), generator=gen)[:3000]]
-    x_fit, x_held = images(lat[fit_on]), images(lat[held])
-    pose_judge, class_judge = fit(x_fit, pose[fit_on], 2), fit(x_fit, labels[fit_on], K)
+    x_held = images(lat[held])
     out = {
         "pose_judge": float((judged(pose_judge, x_held) == pose[held]).float().mean()),
         "class_judge": float((judged(class_judge, x_held) == labels[held]).float().mean()),
     }
     if style is not None:
-        style_judge = fit(x_fit, style[fit_on], 2)
         out["style_judge"] = float((judged(style_judge, x_held) == style[held]).float().mean())
     # every held-out source into every other domain: by a held-out reference, and by a z
     src = held.repeat(K - 1)
@@ -428,11 +462,37 @@ def pose_case(folder, classes, pose, style=None, seed=0, *flags, data=None):
     small model for 1,280 steps (with flags after the test's). Returns (the log's evaluation
     records, judge_translations of the run)."""
     lat, vae_dir, scale = data or posed_latents(folder, classes, pose, style)
+    out, evals = train_case(folder, lat, scale, seed, *flags)
+    return evals, judge_translations(out, lat, vae_dir)
+
+
+def train_case(folder, lat, scale, seed=0, *flags):
+    """The small model for 1,280 steps on latents lat, in folder/run: (that folder, the log's
+    evaluation records)."""
     out = os.path.join(folder, "run")
     args = ["--data", lat, "--out_dir", out, "--latent_scale", scale, "--seed", seed]
-    run("train_latent_stargan.py", *args, *LEARN, *flags, timeout=900)
-    evals = [r for r in load_log(out)["records"] if "acc_ref" in r]
-    return evals, judge_translations(out, lat, vae_dir)
+    run("train_latent_stargan.py", *args, *LEARN, *flags, timeout=1200)
+    return out, [r for r in load_log(out)["records"] if "acc_ref" in r]
+
+
+def pose_lane(folder):
+    """The pose test's data and run, as the suite runs them in a second process beside its other
+    tests: posed_latents of POSE_CASE, written to data.json as soon as the data is there (the ADA
+    test trains on it, and the suite fits the pose and class judges meanwhile), then the run,
+    the style judge (style_judge.pt), and run.json: the run's folder and evaluation records."""
+    data = posed_latents(folder, *POSE_CASE)
+    write_json(os.path.join(folder, "data.json"), data)
+    out, evals = train_case(folder, data[0], data[2])
+    judge = os.path.join(folder, "style_judge.pt")
+    torch.save(fit_judges(*data[:2], ["style"])["style"].state_dict(), judge)
+    write_json(os.path.join(folder, "run.json"), {"run": out, "evals": evals, "style_judge": judge})
+    return folder
+
+
+def write_json(path, obj):  # whole or not at all: the suite waits for the file
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
 
 
 def style_arg(style):
@@ -462,6 +522,7 @@ COMMANDS = {
     "tiny-vae": save_tiny_vae,  # FOLDER
     "case": case,  # FOLDER [CLASSES [POSE [STYLE [SEED [FLAGS...]]]]]
     "vae-moves": vae_moves,  # VAE_FOLDER
+    "pose-lane": pose_lane,  # FOLDER
 }
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Nothing here touches the network: downloads go to a server on 127.0.0.1 that the
 to a closed port. GPU-only tests are skipped where there is no CUDA.
 """
 
-import concurrent.futures
 import contextlib
 import functools
 import gzip
@@ -45,6 +44,11 @@ PRDC = ("precision", "recall", "density", "coverage")
 # there (seen: 1 resume in 14 from one checkpoint on 2 loaded cores). Conditional bitwise
 # reproducibility fixes the path in every script the tests start: "exact" compares like with like.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# The suite runs in two lanes, a core each: the pose test's data and run in a second process
+# (pose_lane), every other test in this one. So this process and every script it starts use one
+# thread: on 2 cores, two one-thread lanes do more work than one lane of two threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def run(script, *args, check=True, timeout=300, cwd=None, env=None):
@@ -1333,8 +1337,9 @@ def test_stargan_ada(tiny_latents, tmp_path):
     # generator); with R1, and with R1 + R2 under rpgan
     for loss in ([], ["--adv_loss", "rpgan", "--w_r2", 1]):
         a, b = str(tmp_path / f"off{len(loss)}"), str(tmp_path / f"p0{len(loss)}")
-        stargan(tiny_latents, a, *base, *loss)
-        stargan(tiny_latents, b, *base, *loss, "--ada_p", 0)
+        for out, p0 in ((a, []), (b, ["--ada_p", 0])):
+            p = stargan_call(tiny_latents, out, *base, *loss, *p0)
+            assert p.returncode == 0, p.stderr[-2000:]
         same_logs(a, b)
         ka, kb = (load_pt(os.path.join(d, "ckpt.pt")) for d in (a, b))
         assert all(torch.equal(ka["G"][k], kb["G"][k]) for k in ka["G"])
@@ -1370,7 +1375,9 @@ def test_stargan_ada_raises_p_where_d_memorises(tiny_latents, tmp_path):
         data, out = str(tmp_path / f"{name}.pt"), str(tmp_path / name)
         paths = [f"{i}.png" for i in keep.tolist()]
         torch.save({**d, "latents": lat[keep].half(), "labels": labels[keep], "paths": paths}, data)
-        stargan(data, out, *flags.split(), "--ada_target", 0.6, "--ada_kimg", 0.3, "--ada_p_max", 1)
+        ada = ["--ada_target", 0.6, "--ada_kimg", 0.3, "--ada_p_max", 1]
+        p = stargan_call(data, out, *flags.split(), *ada)
+        assert p.returncode == 0, p.stderr[-2000:]
         late[name] = np.mean([r["ada_p"] for r in load_log(out)["records"][15:]])
     assert late["small"] > 0.5 and late["large"] < 0.2, late
     p = run("plot_losses.py", str(tmp_path / "small" / "log.json"), "--diagnose")
@@ -1382,7 +1389,7 @@ def test_stargan_ada_keeps_the_latent_path_where_d_memorises(posed_shoes, tmp_pa
     # at once, r_t stays near 1 and p rises at full speed. Without a ceiling p ran to 1 and stayed
     # there, the pipe leaked into G, and the latent path left its domain: acc_lat 0.54 against
     # 0.93 without ADA (seed 0; docs/ada.md). p now stops at --ada_p_max (0.4).
-    lat, _, scale = posed_shoes[1]
+    lat, _, scale = posed_shoes
     d, gen = load_pt(lat), torch.Generator().manual_seed(0)
     keep = torch.cat(
         [torch.nonzero(d["labels"] == k).flatten()[torch.randperm(2000, generator=gen)[:40]]
@@ -1396,23 +1403,15 @@ def test_stargan_ada_keeps_the_latent_path_where_d_memorises(posed_shoes, tmp_pa
         "--epochs 4 --ds_decay_epochs 2 --val_fraction 0.5 --eval_interval 4 --no-decode "
         f"--device cpu --latent_scale {scale}"
     ).split()
-    arms = {"off": [], "ada": ["--ada_target", "0.6", "--ada_kimg", "0.5"]}
-    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # the two runs side by side, one core each
-
-    def train(arm):
-        out = str(tmp_path / arm)
-        args = ["--data", small, "--out_dir", out, *flags, *arms[arm]]
-        run("train_latent_stargan.py", *args, env=one_thread)
-        return load_log(out)["records"]
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        recs = dict(zip(arms, pool.map(train, arms)))
-    p = [r["ada_p"] for r in recs["ada"]]
+    out = str(tmp_path / "ada")
+    ada = ["--ada_target", "0.6", "--ada_kimg", "0.5"]
+    run("train_latent_stargan.py", "--data", small, "--out_dir", out, *flags, *ada)
+    recs = load_log(out)["records"]
+    p = [r["ada_p"] for r in recs]
     assert p[0] == pytest.approx(0.4) and max(p) <= 0.4 + 1e-6, p  # up at once, to the ceiling
-    # acc_lat measured 0.87 against 0.93 without ADA (0.79 against 0.96 on 2 threads); with p = 1
-    # 0.54 against 0.93
-    acc = {arm: r[-1]["acc_lat"] for arm, r in recs.items()}
-    assert acc["ada"] >= acc["off"] - 0.25, acc
+    # the latent path stays in its domain: acc_lat 0.87 on one thread, 0.79 on two; without ADA
+    # 0.93 and 0.96; with p left to run to 1, 0.54. The bar: without ADA's, less 0.25
+    assert recs[-1]["acc_lat"] >= 0.68, recs[-1]
 
 
 def test_stargan_resume_refuses_what_it_cannot_continue(tiny_latents, tmp_path):
@@ -1983,77 +1982,6 @@ def test_stargan_content_tells_a_translator_from_a_copier(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# the StarGAN learns to translate: it reaches the target domain, with diverse outputs, and keeps
-# each source's pose. Fashion-MNIST has no pose (every garment is centred, every shoe faces
-# left), so the test poses it: each image takes one of two poses, drawn at random in every domain
-# alike, and its file name says which. Pose and class are judged on images, decoded through the
-# VAE, by judges fitted on real images decoded through the same VAE.
-
-
-# Not reached by the recipe in the test's 1,280 steps (docs/style.md). Seed 0: by reference 0.557,
-# by z a gap of 0.263; --w_stats 20 --w_f_match 1 --f_lr 1e-3 reach 0.728 and 0.042 there, 0.851
-# and 0.053 with --stats_e (the z bar met on three seeds, the reference's not: the judge reads even
-# the translations that need no change at 0.82 to 0.89); but --stats_e loses the pose on the scale
-# case, and f_match makes z idle where the style hardly varies, so the recipe does not take them
-STYLE_XFAIL = "by reference 0.56 of 0.9, by z a gap of 0.26 over 0.2 (docs/style.md)"
-
-
-@pytest.fixture(scope="module")
-def posed_shoes(tmp_path_factory):
-    """The posed (and styled) shoes of posed_fashion.POSE_CASE, their VAE and latents: built once
-    for the tests that train on them. (folder, (latents file, VAE folder, scale))."""
-    if not os.path.isdir(FASHION):
-        pytest.skip("apt-get install dataset-fashion-mnist")
-    folder = str(tmp_path_factory.mktemp("posed"))
-    return folder, pf.posed_latents(folder, *pf.POSE_CASE)
-
-
-@pytest.fixture(scope="module")
-def pose_run(posed_shoes):
-    folder, data = posed_shoes
-    return pf.pose_case(folder, *pf.POSE_CASE, data=data)
-
-
-def test_stargan_translates_keeping_the_pose_on_fashion_mnist(pose_run):
-    evals, judged = pose_run
-    # the evaluation's figures, in the log: the target domain, diversity, content
-    first, last = evals[0], evals[-1]
-    assert [r["epoch"] for r in evals] == [5, 10, 15, 20]
-    assert last["acc_ref"] >= 0.8 and last["acc_lat"] >= 0.8, last  # 0.93 / 0.88 (seed 0)
-    assert last["fd_mean"] <= 0.5 * first["fd_mean"], (first["fd_mean"], last["fd_mean"])
-    # diverse: one source under different z differs by a real share of what real latents of a
-    # domain differ by (the bug this guards against: div 0.001 against div_real 0.72)
-    assert last["div"] >= 0.25 * first["div_real"], (last["div"], first["div_real"])
-    # judged on decoded images: each translation keeps its source's pose, by reference (where
-    # the reference is posed the other way) and by z, and lands in the target domain, by each
-    # path alone. Seed 0 (half dimmed): pose by reference 0.986, by z 0.953; class 0.888, 0.877.
-    # Without the dimming, seeds 0, 1, 2: pose 0.98, 0.99, 0.99 and 0.98, 0.98, 0.97; class
-    # 0.87, 0.84, 0.88 and 0.92, 0.94, 0.88
-    assert judged["pose_judge"] >= 0.95 and judged["class_judge"] >= 0.85, judged  # judges work
-    assert judged["pose_ref"] >= 0.9 and judged["pose_lat"] >= 0.9, judged
-    assert judged["class_ref"] >= 0.8 and judged["class_lat"] >= 0.8, judged
-    # and the label-free content measure sees it
-    assert last["content_ref"] >= 0.4 and last["content_lat"] >= 0.4, last
-    # half of every domain is dim (an independent coin): the style judge works, and the
-    # label-free style measures are logged with their real-data level
-    assert judged["style_judge"] >= 0.95, judged
-    # and reads the translations themselves: those whose reference has the source's brightness
-    # (nothing to change) it judges in that brightness (0.845; 0.82 to 0.89 over the docs' dim runs)
-    assert judged["style_same"] >= 0.75, judged
-    assert all(0 <= last[k] for k in ("style_lat", "style_ref", "style_cov")), last
-    assert 0 < first["style_cov_real"] <= 1, first
-
-
-@pytest.mark.xfail(strict=True, reason=STYLE_XFAIL)
-def test_stargan_takes_the_style_by_reference_and_by_z_on_fashion_mnist(pose_run):
-    # the same run: by reference the output takes the reference's brightness (over the pairs whose
-    # reference has the other one), and by z each brightness comes out in its real share
-    _, judged = pose_run
-    assert judged["style_lat_gap"] <= 0.2, judged
-    assert judged["style_ref"] >= 0.9, judged
-
-
-# -----------------------------------------------------------------------------
 # plot_losses.py, on logs the tests write in each trainer's shape
 
 
@@ -2545,3 +2473,117 @@ def test_every_relative_link_in_the_docs_leads_to_a_file_and_heading():
                 assert anchor in heading_anchors(to), f"{name}: {target}: no such heading"
             checked += 1
     assert checked >= 20, checked  # README.md links to every doc
+
+
+# -----------------------------------------------------------------------------
+# the StarGAN learns to translate: it reaches the target domain, with diverse outputs, and keeps
+# each source's pose. Fashion-MNIST has no pose (every garment is centred, every shoe faces
+# left), so the test poses it: each image takes one of two poses, drawn at random in every domain
+# alike, and its file name says which. Pose and class are judged on images, decoded through the
+# VAE, by judges fitted on real images decoded through the same VAE. Its data and run take a
+# second process from the first test here on (pose_lane), so these tests come last: by then the
+# others have run on the other core.
+
+
+# Not reached by the recipe in the test's 1,280 steps (docs/style.md). Seed 0: by reference 0.557,
+# by z a gap of 0.263; --w_stats 20 --w_f_match 1 --f_lr 1e-3 reach 0.728 and 0.042 there, 0.851
+# and 0.053 with --stats_e (the z bar met on three seeds, the reference's not: the judge reads even
+# the translations that need no change at 0.82 to 0.89); but --stats_e loses the pose on the scale
+# case, and f_match makes z idle where the style hardly varies, so the recipe does not take them
+STYLE_XFAIL = "by reference 0.56 of 0.9, by z a gap of 0.26 over 0.2 (docs/style.md)"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pose_lane(request, tmp_path_factory):
+    """The pose test's data and run (posed_fashion.pose_lane), in a second process on one core
+    while the other tests take the other: started with the first test here when any selected test
+    needs it. (the process, its folder), or None."""
+    needed = any(
+        {"posed_shoes", "pose_run"} & set(item.fixturenames) for item in request.session.items
+    )
+    if not needed or not os.path.isdir(FASHION):
+        yield None
+        return
+    folder = str(tmp_path_factory.mktemp("posed"))
+    log = open(os.path.join(folder, "lane.log"), "w")
+    proc = subprocess.Popen(
+        [PY, os.path.join(HERE, "posed_fashion.py"), "pose-lane", folder],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    yield proc, folder
+    if proc.poll() is None:  # the session ends first (-x, Ctrl-C): the lane and the run it started
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(), log.close()
+
+
+def lane_file(lane, name, timeout=1500):
+    """The lane's data.json or run.json, once it is written; the lane's log if it failed."""
+    if lane is None:
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    proc, folder = lane
+    path, start = os.path.join(folder, name), time.time()
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.time() - start > timeout:
+            with open(os.path.join(folder, "lane.log")) as f:
+                raise AssertionError(f"posed_fashion.py pose-lane stopped:\n{f.read()[-3000:]}")
+        time.sleep(0.5)
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def posed_shoes(pose_lane):
+    """The posed (and styled) shoes of posed_fashion.POSE_CASE, their VAE and latents, from the
+    lane: (latents file, VAE folder, scale)."""
+    return lane_file(pose_lane, "data.json")
+
+
+@pytest.fixture(scope="session")
+def pose_run(pose_lane):
+    """The lane's run: (its evaluation records, judge_translations of it). The pose and class
+    judges are fitted here while the run trains in the lane, which fits the style judge after."""
+    lat, vae_dir, _ = lane_file(pose_lane, "data.json")
+    judges = pf.fit_judges(lat, vae_dir, ["pose", "class"])
+    out = lane_file(pose_lane, "run.json")
+    judges["style"] = pf.Judge(2).eval().requires_grad_(False)
+    judges["style"].load_state_dict(load_pt(out["style_judge"]))
+    return out["evals"], pf.judge_translations(out["run"], lat, vae_dir, judges=judges)
+
+
+def test_stargan_translates_keeping_the_pose_on_fashion_mnist(pose_run):
+    evals, judged = pose_run
+    # the evaluation's figures, in the log: the target domain, diversity, content
+    first, last = evals[0], evals[-1]
+    assert [r["epoch"] for r in evals] == [5, 10, 15, 20]
+    assert last["acc_ref"] >= 0.8 and last["acc_lat"] >= 0.8, last  # 0.93 / 0.88 (seed 0)
+    assert last["fd_mean"] <= 0.5 * first["fd_mean"], (first["fd_mean"], last["fd_mean"])
+    # diverse: one source under different z differs by a real share of what real latents of a
+    # domain differ by (the bug this guards against: div 0.001 against div_real 0.72)
+    assert last["div"] >= 0.25 * first["div_real"], (last["div"], first["div_real"])
+    # judged on decoded images: each translation keeps its source's pose, by reference (where
+    # the reference is posed the other way) and by z, and lands in the target domain, by each
+    # path alone. Seed 0 (half dimmed): pose by reference 0.986, by z 0.953; class 0.888, 0.877.
+    # Without the dimming, seeds 0, 1, 2: pose 0.98, 0.99, 0.99 and 0.98, 0.98, 0.97; class
+    # 0.87, 0.84, 0.88 and 0.92, 0.94, 0.88
+    assert judged["pose_judge"] >= 0.95 and judged["class_judge"] >= 0.85, judged  # judges work
+    assert judged["pose_ref"] >= 0.9 and judged["pose_lat"] >= 0.9, judged
+    assert judged["class_ref"] >= 0.8 and judged["class_lat"] >= 0.8, judged
+    # and the label-free content measure sees it
+    assert last["content_ref"] >= 0.4 and last["content_lat"] >= 0.4, last
+    # half of every domain is dim (an independent coin): the style judge works, and the
+    # label-free style measures are logged with their real-data level
+    assert judged["style_judge"] >= 0.95, judged
+    # and reads the translations themselves: those whose reference has the source's brightness
+    # (nothing to change) it judges in that brightness (0.845; 0.82 to 0.89 over the docs' dim runs)
+    assert judged["style_same"] >= 0.75, judged
+    assert all(0 <= last[k] for k in ("style_lat", "style_ref", "style_cov")), last
+    assert 0 < first["style_cov_real"] <= 1, first
+
+
+@pytest.mark.xfail(strict=True, reason=STYLE_XFAIL)
+def test_stargan_takes_the_style_by_reference_and_by_z_on_fashion_mnist(pose_run):
+    # the same run: by reference the output takes the reference's brightness (over the pairs whose
+    # reference has the other one), and by z each brightness comes out in its real share
+    _, judged = pose_run
+    assert judged["style_lat_gap"] <= 0.2, judged
+    assert judged["style_ref"] >= 0.9, judged
