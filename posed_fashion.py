@@ -21,8 +21,10 @@ it is a lab, not a tool a user forks.
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -301,9 +303,9 @@ class Judge(torch.nn.Module):
 
 def judge_data(lat_path, vae_dir, scale, val_fraction=0.05, seed=0):
     """The real side of the judging: (scaled latents, domain labels, poses, styles or None, the
-    number of domains, the training and held-out indices as the run splits them, a function that
-    decodes latents to grayscale images, the seeded generator after drawing the judges' 3,000
-    training images, their indices)."""
+    number of domains, the held-out indices as the run splits them, a function that decodes
+    latents to grayscale images, the seeded generator after drawing the judges' 3,000 training
+    images, their indices)."""
     import train_latent_stargan as sg
 
     data, cpu = load_pt(lat_path), torch.device("cpu")
@@ -324,17 +326,19 @@ def judge_data(lat_path, vae_dir, scale, val_fraction=0.05, seed=0):
     return lat, labels, pose, style, K, held, images, gen, fit_on
 
 
-def fit_judges(lat_path, vae_dir, names=("pose", "class", "style"), real=None, seed=0):
+def fit_judges(lat_path, vae_dir, names=("pose", "class", "style"), real=None, seed=0,
+               val_fraction=0.05):  # fmt: skip
     """{name: judge} for each of names (pose, class, style) the latents file's names hold: a
-    Judge fitted on 3,000 real training images decoded through the VAE. The pose test fits two
-    in its own process while the run trains in another (test_scripts.py's pose_lane)."""
+    Judge fitted on 3,000 real training images decoded through the VAE, the training images of
+    the run's split (val_fraction: the run's). The suite fits two in its own process and one in
+    the lane (test_scripts.py's pose_lane)."""
     import train_latent_stargan as sg
 
     if real is None:
         from diffusers import AutoencoderKL
 
         scale = AutoencoderKL.load_config(vae_dir)["scaling_factor"]
-        real = judge_data(lat_path, vae_dir, scale, seed=seed)
+        real = judge_data(lat_path, vae_dir, scale, val_fraction, seed)
     lat, labels, pose, style, K, _, images, _, fit_on = real
     truth = {"pose": (pose, 2), "class": (labels, K), "style": (style, 2)}
     x = images(lat[fit_on])
@@ -480,12 +484,22 @@ def pose_lane(folder):
     tests: posed_latents of POSE_CASE, written to data.json as soon as the data is there (the ADA
     test trains on it, and the suite fits the pose and class judges meanwhile), then the run,
     the style judge (style_judge.pt), and run.json: the run's folder and evaluation records."""
+    parent = os.getppid()
+
+    def orphaned():  # the suite killed before it could stop the lane: the lane and its run go too
+        while os.getppid() == parent:
+            time.sleep(5)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=orphaned, daemon=True).start()
     data = posed_latents(folder, *POSE_CASE)
     write_json(os.path.join(folder, "data.json"), data)
     out, evals = train_case(folder, data[0], data[2])
-    judge = os.path.join(folder, "style_judge.pt")
-    torch.save(fit_judges(*data[:2], ["style"])["style"].state_dict(), judge)
-    write_json(os.path.join(folder, "run.json"), {"run": out, "evals": evals, "style_judge": judge})
+    judge = fit_judges(*data[:2], ["style"]).get("style")
+    path = os.path.join(folder, "style_judge.pt") if judge else None
+    if judge:
+        torch.save(judge.state_dict(), path)
+    write_json(os.path.join(folder, "run.json"), {"run": out, "evals": evals, "style_judge": path})
     return folder
 
 

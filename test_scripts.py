@@ -1,6 +1,7 @@
 """Each script end to end, as a user runs it: a subprocess with tiny flags, on tiny data the tests
-write. Mistakes whose only question is the one line they get are checked in-process, through the
-same main() the command line runs, which spares an interpreter start each.
+write. Mistakes whose only question is the one line they get, and runs compared with each other bit
+for bit, run in-process, through the same main() the command line runs, which spares an
+interpreter start each.
 
     python -m pytest -q test_scripts.py
 
@@ -44,11 +45,6 @@ PRDC = ("precision", "recall", "density", "coverage")
 # there (seen: 1 resume in 14 from one checkpoint on 2 loaded cores). Conditional bitwise
 # reproducibility fixes the path in every script the tests start: "exact" compares like with like.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-# The suite runs in two lanes, a core each: the pose test's data and run in a second process
-# (pose_lane), every other test in this one. So this process and every script it starts use one
-# thread: on 2 cores, two one-thread lanes do more work than one lane of two threads.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def run(script, *args, check=True, timeout=300, cwd=None, env=None):
@@ -65,7 +61,8 @@ def run(script, *args, check=True, timeout=300, cwd=None, env=None):
 
 def call(script, *args):
     """A script's main() in this process, as its command line runs it: (returncode, stdout,
-    stderr) in a CompletedProcess. For mistakes whose one line is the whole question."""
+    stderr) in a CompletedProcess. For mistakes whose one line is the whole question, and runs
+    compared with each other."""
     module = importlib.import_module(script[: -len(".py")])
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -2504,10 +2501,14 @@ def pose_lane(request, tmp_path_factory):
     if not needed or not os.path.isdir(FASHION):
         yield None
         return
+    # two lanes of a core each: this process and every script it starts from now on use one
+    # thread, as the lane does (on 2 cores two one-thread lanes do more than one of two threads)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     folder = str(tmp_path_factory.mktemp("posed"))
     log = open(os.path.join(folder, "lane.log"), "w")
     proc = subprocess.Popen(
-        [PY, os.path.join(HERE, "posed_fashion.py"), "pose-lane", folder],
+        [PY, "-u", os.path.join(HERE, "posed_fashion.py"), "pose-lane", folder],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     yield proc, folder
@@ -2517,15 +2518,20 @@ def pose_lane(request, tmp_path_factory):
 
 
 def lane_file(lane, name, timeout=1500):
-    """The lane's data.json or run.json, once it is written; the lane's log if it failed."""
+    """The lane's data.json or run.json, once it is written; the lane's log if it failed or
+    took longer than timeout seconds from here (then it is stopped)."""
     if lane is None:
         pytest.skip("apt-get install dataset-fashion-mnist")
     proc, folder = lane
     path, start = os.path.join(folder, name), time.time()
     while not os.path.exists(path):
-        if proc.poll() is not None or time.time() - start > timeout:
+        late = time.time() - start > timeout
+        if proc.poll() is not None or late:
+            if late:
+                os.killpg(proc.pid, signal.SIGKILL)
             with open(os.path.join(folder, "lane.log")) as f:
-                raise AssertionError(f"posed_fashion.py pose-lane stopped:\n{f.read()[-3000:]}")
+                why = f"no {name} after {timeout} s" if late else "stopped"
+                raise AssertionError(f"posed_fashion.py pose-lane {why}:\n{f.read()[-3000:]}")
         time.sleep(0.5)
     with open(path) as f:
         return json.load(f)
@@ -2541,12 +2547,14 @@ def posed_shoes(pose_lane):
 @pytest.fixture(scope="session")
 def pose_run(pose_lane):
     """The lane's run: (its evaluation records, judge_translations of it). The pose and class
-    judges are fitted here while the run trains in the lane, which fits the style judge after."""
+    judges are fitted here, once the other tests are done, while the lane's run finishes; the lane
+    fits the style judge after its run."""
     lat, vae_dir, _ = lane_file(pose_lane, "data.json")
     judges = pf.fit_judges(lat, vae_dir, ["pose", "class"])
     out = lane_file(pose_lane, "run.json")
-    judges["style"] = pf.Judge(2).eval().requires_grad_(False)
-    judges["style"].load_state_dict(load_pt(out["style_judge"]))
+    if out["style_judge"]:  # POSE_CASE has a style
+        judges["style"] = pf.Judge(2).eval().requires_grad_(False)
+        judges["style"].load_state_dict(load_pt(out["style_judge"]))
     return out["evals"], pf.judge_translations(out["run"], lat, vae_dir, judges=judges)
 
 
