@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -302,10 +303,10 @@ class Judge(torch.nn.Module):
 
 
 def judge_data(lat_path, vae_dir, scale, val_fraction=0.05, seed=0):
-    """The real side of the judging: (scaled latents, domain labels, poses, styles or None, the
-    number of domains, the held-out indices as the run splits them, a function that decodes
-    latents to grayscale images, the seeded generator after drawing the judges' 3,000 training
-    images, their indices)."""
+    """The real side of the judging, a namespace: lat (the scaled latents), labels (domains), pose,
+    style (None without a style coin), K (the number of domains), held (the held-out indices as
+    the run splits them), images (latents to decoded grayscale images), fit_on (the judges' 3,000
+    training images' indices) and gen (the seeded generator after drawing them)."""
     import train_latent_stargan as sg
 
     data, cpu = load_pt(lat_path), torch.device("cpu")
@@ -323,7 +324,8 @@ def judge_data(lat_path, vae_dir, scale, val_fraction=0.05, seed=0):
 
     gen = torch.Generator().manual_seed(seed)
     fit_on = train[torch.randperm(len(train), generator=gen)[:3000]]
-    return lat, labels, pose, style, K, held, images, gen, fit_on
+    return SimpleNamespace(lat=lat, labels=labels, pose=pose, style=style, K=K, held=held,
+                           images=images, fit_on=fit_on, gen=gen)  # fmt: skip
 
 
 def fit_judges(lat_path, vae_dir, names=("pose", "class", "style"), real=None, seed=0,
@@ -339,11 +341,10 @@ def fit_judges(lat_path, vae_dir, names=("pose", "class", "style"), real=None, s
 
         scale = AutoencoderKL.load_config(vae_dir)["scaling_factor"]
         real = judge_data(lat_path, vae_dir, scale, val_fraction, seed)
-    lat, labels, pose, style, K, _, images, _, fit_on = real
-    truth = {"pose": (pose, 2), "class": (labels, K), "style": (style, 2)}
-    x = images(lat[fit_on])
+    truth = {"pose": (real.pose, 2), "class": (real.labels, real.K), "style": (real.style, 2)}
+    x = real.images(real.lat[real.fit_on])
     return {
-        n: sg.train_classifier(lambda n=n: Judge(truth[n][1]), x, truth[n][0][fit_on],
+        n: sg.train_classifier(lambda n=n: Judge(truth[n][1]), x, truth[n][0][real.fit_on],
                                torch.device("cpu"), min_steps=600, seed=seed)
         for n in names if truth[n][0] is not None
     }  # fmt: skip
@@ -373,7 +374,8 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0, judges=None):
     cfg, scale = ckpt["config"], ckpt["config"]["latent_scale"]
     (G, E, F_), _ = sg.run_networks(cfg, ckpt, cpu)
     real = judge_data(lat_path, vae_dir, scale, cfg["val_fraction"], seed)
-    lat, labels, pose, style, K, held, images, gen = real[:8]
+    lat, labels, pose, style, K = real.lat, real.labels, real.pose, real.style, real.K
+    held, images, gen = real.held, real.images, real.gen
     judges = judges or fit_judges(lat_path, vae_dir, real=real, seed=seed)
     pose_judge, class_judge, style_judge = (judges.get(n) for n in ("pose", "class", "style"))
 
