@@ -486,6 +486,8 @@ def pose_lane(folder):
     tests: posed_latents of POSE_CASE, written to data.json as soon as the data is there (the ADA
     test trains on it, and the suite fits the pose and class judges meanwhile), then the run,
     the style judge (style_judge.pt), and run.json: the run's folder and evaluation records."""
+    import train_latent_stargan as sg
+
     parent = os.getppid()
 
     def orphaned():  # the suite killed before it could stop the lane: the lane and its run go too
@@ -495,20 +497,16 @@ def pose_lane(folder):
 
     threading.Thread(target=orphaned, daemon=True).start()
     data = posed_latents(folder, *POSE_CASE)
-    write_json(os.path.join(folder, "data.json"), data)
+    sg.save_json_atomic(data, os.path.join(folder, "data.json"))  # whole: the suite waits for it
     out, evals = train_case(folder, data[0], data[2])
     judge = fit_judges(*data[:2], ["style"]).get("style")
     path = os.path.join(folder, "style_judge.pt") if judge else None
     if judge:
         torch.save(judge.state_dict(), path)
-    write_json(os.path.join(folder, "run.json"), {"run": out, "evals": evals, "style_judge": path})
+    sg.save_json_atomic(
+        {"run": out, "evals": evals, "style_judge": path}, os.path.join(folder, "run.json")
+    )
     return folder
-
-
-def write_json(path, obj):  # whole or not at all: the suite waits for the file
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)
 
 
 def style_arg(style):
