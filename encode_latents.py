@@ -8,6 +8,7 @@ Image folders (one sub-folder per domain) to unscaled SD-VAE latents in one .pt,
     python encode_latents.py ... --resume          # continue an interrupted encode where it stopped
     python encode_latents.py ... --decode_check 8  # decode 8 latents back: a PNG and the PSNR
     python encode_latents.py ... --vae ./sd-vae-ft-mse   # a local copy of the VAE (offline)
+    python encode_latents.py ... --zoom_views 0.55,0.74,1.35,1.82   # also each image zoomed
     torchrun --standalone --nproc_per_node 8 encode_latents.py ...  # 8 GPUs, the same file
 
 Each image: RGB (grayscale repeated), shorter side resized to --size (bicubic, antialiased),
@@ -19,6 +20,10 @@ Output (read by train_latent_stargan.py):
     {"latents": float16 (N, 4, size/8, size/8), "labels": int64 (N,), "domains": [...],
      "paths": [...], "vae": ..., "subfolder": ..., "scaling_factor": 0.18215, "image_size": size,
      "mode": "mean" | "sample"}
+    and, with --zoom_views, "views": float16 (N, Z, 4, size/8, size/8), each image zoomed about its
+    centre by each of the Z factors before it is encoded, and "view_zooms": the factors. The
+    trainer's E can take its views from them (--e_views): a zoom of the image, where a zoom of the
+    latent is not what the VAE makes of a smaller or larger garment (docs/style.md).
 """
 
 import argparse
@@ -54,6 +59,7 @@ RESUME_KEYS = (
     "batch_size",
     "shard_size",
     "dtype",
+    "zoom_views",
 )
 
 # -----------------------------------------------------------------------------
@@ -87,6 +93,10 @@ def build_parser():
     p.add_argument("--mode", choices=("mean", "sample"), default="mean",
                    help="latent_dist.mean (default, deterministic) or a draw")
     p.add_argument("--seed", type=int, default=0, help="seed of --mode sample's draws")
+    p.add_argument("--zoom_views", default="",
+                   help="comma-separated zoom factors, e.g. 0.55,0.74,1.35,1.82: each image is "
+                        "also encoded zoomed by each about its centre (above 1 a centre crop, "
+                        "below 1 framed in its border's mean colour), for E's views")
     # output
     p.add_argument("--out", default="data/latents.pt",
                    help="output .pt (default data/latents.pt); progress goes to <out>.parts/")
@@ -122,6 +132,12 @@ def parse_config(argv=None):
     elif cfg["classes"]:
         die("--classes applies to --source idx; for folders, pick sub-folders with --domains")
     cfg["domains"] = cfg["domains"].split(",") if cfg["domains"] else None
+    try:
+        cfg["zoom_views"] = [float(f) for f in cfg["zoom_views"].split(",") if f.strip()]
+    except ValueError:
+        die(f"--zoom_views takes comma-separated factors, e.g. 0.55,1.82; got {cfg['zoom_views']}")
+    if any(not 0.1 <= f <= 10 for f in cfg["zoom_views"]):
+        die(f"--zoom_views: each factor must lie in [0.1, 10]; got {cfg['zoom_views']}")
     try:
         dev = torch.device(cfg["device"])
     except RuntimeError as e:
@@ -318,6 +334,25 @@ def to_square(img, size):
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def zoom(x, factor):
+    """Images (B, C, S, S) in [-1, 1] zoomed by factor about their centre: resized (bicubic,
+    antialiased), then above 1 centre-cropped, below 1 framed in the mean colour of each image's
+    border (black where the background is black)."""
+    S, dtype = x.shape[-1], x.dtype
+    side = max(1, round(S * factor))
+    x = x.float()
+    y = torch.nn.functional.interpolate(x, size=(side, side), mode="bicubic", antialias=True)
+    y = y.clamp(-1, 1)
+    if side >= S:
+        o = (side - S) // 2
+        return y[..., o : o + S, o : o + S].to(dtype)
+    edge = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], -1).mean(-1)
+    out = edge[..., None, None].expand_as(x).clone()
+    o = (S - side) // 2
+    out[..., o : o + side, o : o + side] = y
+    return out.to(dtype)
+
+
 class Items(torch.utils.data.Dataset):
     """Item i -> (uint8 (3, size, size), i, error message or ''). An unreadable image gives zeros
     and its error."""
@@ -478,15 +513,21 @@ def shard_path(parts, k):
 
 
 def assemble(parts, n_shards):
-    """(latents, index of each latent in the items, the unreadable (path, error)s) from the
-    finished shards, in order."""
-    index, latents, bad = [], [], []
+    """(latents, index of each latent in the items, the unreadable (path, error)s, the zoomed
+    views (N, Z, C, h, w)) from the finished shards, in order."""
+    index, latents, views, bad = [], [], [], []
     for k in range(n_shards):
         s = torch.load(shard_path(parts, k), weights_only=True)
         bad += [tuple(b) for b in s["bad"]]
         if len(s["index"]):
-            index.append(s["index"]), latents.append(s["latents"])
-    return torch.cat(latents), torch.cat(index), bad
+            index.append(s["index"]), latents.append(s["latents"]), views.append(s["views"])
+    return torch.cat(latents), torch.cat(index), bad, torch.cat(views)
+
+
+def encode_batch(vae, x, mode, gen):
+    """vae's latents of images x in [-1, 1]: latent_dist.mean, or a draw from gen."""
+    dist = vae.encode(x).latent_dist
+    return dist.mean if mode == "mean" else dist.sample(generator=gen)
 
 
 def decode_check(vae, result, index, items, cfg, idx_images, device, dtype):
@@ -581,7 +622,7 @@ def main(argv=None):
     for x, idx, errs in loader:
         k = idx[0].item() // S
         if shard is None:
-            shard = {"shard": k, "index": [], "latents": [], "bad": []}
+            shard = {"shard": k, "index": [], "latents": [], "views": [], "bad": []}
         ok = torch.tensor([not e for e in errs])
         for i, e in zip(idx.tolist(), errs):
             if e:
@@ -599,30 +640,31 @@ def main(argv=None):
         if ok.any():
             x = x[ok].to(device, non_blocking=True)
             x = (x.to(dtype) / 127.5 - 1).contiguous(memory_format=memory_format)
+            # one generator per batch, seeded by its first item: resume draws the same
+            gen = torch.Generator(device).manual_seed(cfg["seed"] * 1_000_003 + idx[0].item())
             with torch.no_grad():
-                dist = vae.encode(x).latent_dist
-                if cfg["mode"] == "mean":
-                    z = dist.mean
-                else:  # one generator per batch, seeded by its first item: resume draws the same
-                    gen = torch.Generator(device).manual_seed(
-                        cfg["seed"] * 1_000_003 + idx[0].item()
-                    )
-                    z = dist.sample(generator=gen)
-            z = z.float()
+                zs = [encode_batch(vae, x, cfg["mode"], gen)]
+                zs += [encode_batch(vae, zoom(x, f), cfg["mode"], gen) for f in cfg["zoom_views"]]
+            z = torch.stack(zs, 1).float()  # (B, 1 + Z, C, h, w): the image, then its zooms
             if not torch.isfinite(z).all():
                 die(
                     f"non-finite latents for the batch starting at {items[idx[0].item()][0]} in "
                     f"{cfg['dtype']}; try --dtype float32 (or bfloat16)",
                     every_rank=True,
                 )
-            shard["latents"].append(z.to(torch.float16).cpu())
+            shard["latents"].append(z[:, 0].to(torch.float16).cpu())
+            shard["views"].append(z[:, 1:].to(torch.float16).cpu())
             shard["index"] += idx[ok].tolist()
         n_done += len(idx)
         if idx[-1].item() == min((k + 1) * S, n) - 1:  # a finished shard is written atomically
-            latents = torch.cat(shard["latents"]) if shard["latents"] else torch.zeros(0)
+            latents, views = (
+                torch.cat(shard[key]) if shard[key] else torch.zeros(0)
+                for key in ("latents", "views")
+            )
             index = torch.tensor(shard["index"], dtype=torch.int64)
             save_torch_atomic(
-                {"index": index, "latents": latents, "bad": shard["bad"]}, shard_path(parts, k)
+                {"index": index, "latents": latents, "views": views, "bad": shard["bad"]},
+                shard_path(parts, k),
             )
             shard = None
         now = time.perf_counter()
@@ -645,7 +687,7 @@ def main(argv=None):
             return
 
     # assemble the final file from the shards, atomically, then drop the progress folder
-    latents, index, bad = assemble(parts, n_shards)
+    latents, index, bad, views = assemble(parts, n_shards)
     if len(bad) > cfg["max_bad"] * n:  # the ranks' together
         die(
             f"{len(bad)} of {n} images could not be read, more than --max_bad {cfg['max_bad']:g} "
@@ -664,6 +706,8 @@ def main(argv=None):
         "image_size": cfg["size"],
         "mode": cfg["mode"],
     }
+    if cfg["zoom_views"]:
+        result.update(views=views, view_zooms=cfg["zoom_views"])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_torch_atomic(result, out)
     shutil.rmtree(parts)

@@ -444,6 +444,9 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0, judges=None):
 # style of styled() run the same test (docs/pose.md).
 POSE_CASE = ((5, 7, 9), "mirror", "dim")
 POSE_VAE_STEPS = 200
+# the zoomed views of --e_views: a garment at 55% of the frame zoomed to the whole frame (1.82),
+# and the whole frame to 55%, and two steps between (docs/style.md)
+ZOOM_VIEWS = "0.55,0.74,1.35,1.82"
 # the small model of docs/results_fashion.md, 1,280 steps, with the short run's recipe: twice the
 # learning rate, and id's weight falling as lambda_ds does (docs/pose.md)
 LEARN = (
@@ -452,22 +455,36 @@ LEARN = (
 ).split()
 
 
-def posed_latents(folder, classes, pose, style=None):
+def posed_latents(folder, classes, pose, style=None, zoom_views=False):
     """The learning test's data, in folder: 2,000 images of each class, posed (and styled); a tiny
-    VAE trained on them for 200 steps; their latents. Returns (latents file, VAE folder, scale)."""
+    VAE trained on them for 200 steps; their latents (with ZOOM_VIEWS' zoomed encodings where
+    zoom_views). Returns (latents file, VAE folder, scale)."""
     images, x = write_posed_fashion(os.path.join(folder, "posed"), classes, pose, style)
     vae_dir, lat = (os.path.join(folder, f) for f in ("vae", "posed.pt"))
     vae, _ = train_vae(x, steps=POSE_VAE_STEPS)
     vae.save_pretrained(vae_dir)
-    run("encode_latents.py", "--images", images, "--size", 64, "--vae", vae_dir, "--out", lat)
+    views = ["--zoom_views", ZOOM_VIEWS] if zoom_views else []
+    run(
+        "encode_latents.py",
+        "--images",
+        images,
+        "--size",
+        64,
+        "--vae",
+        vae_dir,
+        "--out",
+        lat,
+        *views,
+    )
     return lat, vae_dir, vae.config.scaling_factor
 
 
 def pose_case(folder, classes, pose, style=None, seed=0, *flags, data=None):
-    """The learning test's run, in folder: posed_latents (or data, what it returned), then the
-    small model for 1,280 steps (with flags after the test's). Returns (the log's evaluation
-    records, judge_translations of the run)."""
-    lat, vae_dir, scale = data or posed_latents(folder, classes, pose, style)
+    """The learning test's run, in folder: posed_latents (or data, what it returned; encoded with
+    zoomed views where flags have --e_views), then the small model for 1,280 steps (with flags
+    after the test's). Returns (the log's evaluation records, judge_translations of the run)."""
+    views = "--e_views" in flags
+    lat, vae_dir, scale = data or posed_latents(folder, classes, pose, style, views)
     out, evals = train_case(folder, lat, scale, seed, *flags)
     return evals, judge_translations(out, lat, vae_dir)
 

@@ -108,7 +108,12 @@ def build_parser():
     p.add_argument("--e_shift", type=unit_float, default=0.25,
                    help="... shifted by up to this share of its size, in whole pixels (0: not)")
     p.add_argument("--e_zoom", type=unit_float, default=0.25,
-                   help="... zoomed by a factor in [1 - e_zoom, 1 + e_zoom] (0: not)")
+                   help="... zoomed by a factor in [1 - e_zoom, 1 + e_zoom] (0: not; off with "
+                        "--e_views)")
+    p.add_argument("--e_views", type=unit_float, default=0.0,
+                   help="chance that E sees, instead of a latent, one of its image's zoomed "
+                        "encodings (encode_latents.py --zoom_views), where the latent zoom does "
+                        "not hide a garment's size (docs/style.md; 0: not)")
     # loss (seed 001's loss.* keys)
     p.add_argument("--w_adv", type=nonneg_float, default=1.0, help="weight of g_adv")
     p.add_argument("--w_sty", type=nonneg_float, default=1.0, help="weight of sty, style recon.")
@@ -670,6 +675,9 @@ def load_latents(path):
     if not torch.is_tensor(labels) or labels.shape != (len(lat),):
         shape = tuple(getattr(labels, "shape", ()))
         raise ValueError(f"{len(lat)} latents but labels of shape {shape}")
+    views = d.get("views")
+    if views is not None and (views.dim() != 5 or views.shape[:1] + views.shape[2:] != lat.shape):
+        raise ValueError(f"views of shape {tuple(views.shape)}, expected (N, Z, C, H, W)")
     if len(domains) < 2:
         raise ValueError(
             f"{len(domains)} domain ({', '.join(domains)}); the StarGAN translates between "
@@ -1409,7 +1417,12 @@ def load_data(cfg, device, main_rank):
     dom_count = torch.tensor([len(t) for t in train_idx], device=device)
     dom_start = torch.cumsum(dom_count, 0) - dom_count
     train_sorted = torch.cat(train_idx).to(device)  # grouped by domain: x_ref is drawn from a group
-    pool = (latents, labels, train_sorted, dom_count, dom_start)
+    views = None  # --e_views: the zoomed encodings, kept in float16 and scaled when drawn
+    if cfg["e_views"] > 0:
+        if meta.get("views") is None or meta["views"].shape[1] == 0:
+            die(f"--e_views needs latents encoded with --zoom_views; {cfg['data']} has none")
+        views = meta["views"].to(device, torch.float16)
+    pool = (latents, labels, train_sorted, dom_count, dom_start, views)
     return meta, torch.cat(val_idx).to(device), pool
 
 
@@ -1418,7 +1431,7 @@ def draw_batch(cfg, pool, mine, ada):
     domains, a target domain for each (uniform over the others), a reference of that domain, two
     z, E's views, ADA's draws and f_match's. Returns this rank's slice, `mine` (f_match's draws
     whole), as train_step takes it."""
-    latents, labels, train_sorted, dom_count, dom_start = pool
+    latents, labels, train_sorted, dom_count, dom_start, zoomed = pool
     B, K, (H, W), device = cfg["batch_size"], len(dom_count), latents.shape[2:], latents.device
     idx = train_sorted[torch.randint(len(train_sorted), (B,), device=device)]
     y_src = labels[idx]
@@ -1431,9 +1444,17 @@ def draw_batch(cfg, pool, mine, ada):
 
     ref = one_of(y_trg)  # a reference of the target domain
     z_trg, z_2 = torch.randn(2, B, cfg["latent_dim"], device=device)
+    e_in = None  # E's inputs, x_ref's (first B) and content's, each with chance e_views one of
+    if zoomed is not None:  # its image's zoomed encodings instead (then no latent zoom)
+        rows = torch.cat([ref, idx])
+        k = torch.randint(zoomed.shape[1], (2 * B,), device=device)
+        take = (torch.rand(2 * B, device=device) < cfg["e_views"])[:, None, None, None]
+        e_in = torch.where(take, zoomed[rows, k].float() * cfg["latent_scale"], latents[rows])
+        e_in = rank_rows(e_in, 2, mine)
+    zoom = 0.0 if zoomed is not None else cfg["e_zoom"]
     views = None  # E's views of x_ref (first B) and content (next B); none when all are 0
-    if cfg["e_flip"] or cfg["e_shift"] or cfg["e_zoom"]:
-        views = random_views(2 * B, cfg["e_flip"], cfg["e_shift"], cfg["e_zoom"], (H, W), device)
+    if cfg["e_flip"] or cfg["e_shift"] or zoom:
+        views = random_views(2 * B, cfg["e_flip"], cfg["e_shift"], zoom, (H, W), device)
         views = rank_rows(views, 2, mine)
     pipes = [None, None]
     if ada is not None:  # ADA's draws for what D sees (x_ref and both fakes), in each step
@@ -1445,16 +1466,17 @@ def draw_batch(cfg, pool, mine, ada):
         x_fm = latents[one_of(y_fm)]
         fm = (x_fm, torch.randn(K * F_MATCH_N, cfg["latent_dim"], device=device), y_fm)
     batch = (latents[idx[mine]], y_src[mine], y_trg[mine], latents[ref[mine]])
-    return batch + (z_trg[mine], z_2[mine], views, *pipes, fm)
+    return batch + (z_trg[mine], z_2[mine], (e_in, views), *pipes, fm)
 
 
 def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
     """One step on this rank's slice of the batch: (content, y_src, y_trg, x_ref, z_trg, z_2,
-    E's views, the ADA pipe's draws for D's step and for G's step, f_match's (latents, z,
-    domains); each of the last four None when off). nets: the G, E, F and D the step calls
-    (compiled with --compile); R1's and R2's double backward goes through the raw D in modules
-    (a compiled graph has none). Returns the tensors LOG_KEYS names: nothing is read back (no
-    sync). lam: lambda_ds now; w_id: id's weight now (--id_decay_epochs), cfg's w_id when None."""
+    (E's inputs, E's views), the ADA pipe's draws for D's step and for G's step, f_match's
+    (latents, z, domains); each None when off (E's inputs: --e_views)). nets: the G, E, F and
+    D the step calls (compiled with --compile); R1's and R2's double backward goes through the
+    raw D in modules (a compiled graph has none). Returns the tensors LOG_KEYS names: nothing is
+    read back (no sync). lam: lambda_ds now; w_id: id's weight now (--id_decay_epochs), cfg's
+    w_id when None."""
     G, E, Fm, D = nets
     opt_G, opt_D = modules["opt_G"], modules["opt_D"]
     scaler_G, scaler_D = modules["scaler_G"], modules["scaler_D"]
@@ -1467,7 +1489,8 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
     # E takes the styles of x_ref and content from moved views of them (--e_flip, --e_shift,
     # --e_zoom): a style then cannot say where things are, so cyc and id make G take the pose
     # from its source, and sty (E(fake_ref) against a style of a moved x_ref) makes E ignore it
-    e_in = torch.cat([x_ref, content])
+    e_in, views = views
+    e_in = torch.cat([x_ref, content]) if e_in is None else e_in  # --e_views: zoomed encodings
     e_in = e_in if views is None else view(e_in, views)
     with ctx:
         s_ref, s_src = E(e_in, torch.cat([y_trg, y_src])).chunk(2)
