@@ -463,19 +463,8 @@ def posed_latents(folder, classes, pose, style=None, zoom_views=False):
     vae_dir, lat = (os.path.join(folder, f) for f in ("vae", "posed.pt"))
     vae, _ = train_vae(x, steps=POSE_VAE_STEPS)
     vae.save_pretrained(vae_dir)
-    views = ["--zoom_views", ZOOM_VIEWS] if zoom_views else []
-    run(
-        "encode_latents.py",
-        "--images",
-        images,
-        "--size",
-        64,
-        "--vae",
-        vae_dir,
-        "--out",
-        lat,
-        *views,
-    )
+    args = ["--images", images, "--size", 64, "--vae", vae_dir, "--out", lat]
+    run("encode_latents.py", *args, *(["--zoom_views", ZOOM_VIEWS] if zoom_views else []))
     return lat, vae_dir, vae.config.scaling_factor
 
 

@@ -1446,11 +1446,11 @@ def draw_batch(cfg, pool, mine, ada):
     z_trg, z_2 = torch.randn(2, B, cfg["latent_dim"], device=device)
     e_in = None  # E's inputs, x_ref's (first B) and content's, each with chance e_views one of
     if zoomed is not None:  # its image's zoomed encodings instead (then no latent zoom)
-        rows = torch.cat([ref, idx])
         k = torch.randint(zoomed.shape[1], (2 * B,), device=device)
-        take = (torch.rand(2 * B, device=device) < cfg["e_views"])[:, None, None, None]
-        e_in = torch.where(take, zoomed[rows, k].float() * cfg["latent_scale"], latents[rows])
-        e_in = rank_rows(e_in, 2, mine)
+        take = torch.rand(2 * B, device=device) < cfg["e_views"]  # drawn whole, gathered mine
+        rows, k, take = (rank_rows(t, 2, mine) for t in (torch.cat([ref, idx]), k, take))
+        view_lat = zoomed[rows, k].float() * cfg["latent_scale"]
+        e_in = torch.where(take[:, None, None, None], view_lat, latents[rows])
     zoom = 0.0 if zoomed is not None else cfg["e_zoom"]
     views = None  # E's views of x_ref (first B) and content (next B); none when all are 0
     if cfg["e_flip"] or cfg["e_shift"] or zoom:
