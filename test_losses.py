@@ -527,6 +527,21 @@ def test_stargan_stats_loss_is_the_style_statistics_l1():
     # the look, not where things are: a mirror leaves it exactly, a brighter latent does not
     assert stargan.stats_loss(a.flip(-1), a) < 1e-6 and stargan.stats_loss(a + 0.5, a) > 0.1
 
+    # --stats_max: T also holds each channel's largest and smallest value over the positions, of
+    # extremes_of (the translation with E's style held) against the reference's
+    def with_extremes(lat, of):
+        ext = [[x[c].max() for c in range(3)] + [x[c].min() for c in range(3)] for x in of]
+        return torch.cat([reference(lat), torch.tensor(ext).float()], 1)
+
+    c = torch.randn(2, 3, 4, 5)
+    want = (with_extremes(a, c) - with_extremes(b, b)).abs().mean()
+    torch.testing.assert_close(stargan.stats_loss(a, b, extremes_of=c), want)
+    # one position made the brightest by 2: the extremes move by 2, the moments by much less
+    spot = a.clone()
+    spot[:, :, 0, 0] = a.amax((2, 3)) + 2
+    moments, both = stargan.stats_loss(spot, a), stargan.stats_loss(spot, a, extremes_of=spot)
+    assert stargan.stats_loss(a.flip(-1), a, extremes_of=a.flip(-1)) < 1e-6 and both > 2 * moments
+
 
 def test_stargan_f_match_loss_is_the_sliced_wasserstein_and_the_nearest_pull():
     # s_f, s_e (K domains, M styles, D). Per domain, on each direction: both projections sorted,

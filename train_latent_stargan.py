@@ -137,6 +137,10 @@ def build_parser():
     p.add_argument("--stats_e", action="store_true",
                    help="stats trains E too: the reference's look reaches further, but E then "
                         "carries what T sees, a garment's size too, to the output (docs/style.md)")
+    p.add_argument("--stats_max", action="store_true",
+                   help="stats' T holds each channel's largest and smallest value too, into G "
+                        "only: a dimmed garment's brightest pixel, which the moments blur "
+                        "(docs/style.md)")
     p.add_argument("--w_f_match", type=nonneg_float, default=0.0,
                    help="weight of f_match, F's styles onto E's of the same domain, so that z "
                         "reaches the data's styles (docs/style.md; needs F to move: --f_lr 1e-3)")
@@ -457,14 +461,28 @@ def structure_loss(output, source):
     return F.l1_loss(self_similarity(output), self_similarity(source))
 
 
-def stats_loss(output, reference):
+def stats_loss(output, reference, extremes_of=None):
     """L1(T(G(x, sg(E(x_ref)))), T(x_ref)), T = style_features (each channel's mean and spread,
     its mean vertical and horizontal step): the reference's look reaches its translation, not only
     what E keeps of it (AdaIN's style loss, Huang & Belongie 2017, here on the latent). T does
     not see where things are, but a garment's size moves it as its brightness does; so the step
     holds E's style (sg, detached) and stats trains G to render what the style says, not E to
-    say more: E asked for T carries the reference's size into the output (--stats_e does)."""
-    return F.l1_loss(style_features(output), style_features(reference))
+    say more: E asked for T carries the reference's size into the output (--stats_e does).
+    extremes_of (--stats_max): a translation whose channels' largest and smallest values over the
+    positions T also holds, against the reference's: the few brightest pixels that the moments
+    average away (a dark garment's white seam, bright, against a pale one dimmed). The step passes
+    the translation with E's style held, --stats_e or not: the extremes see a garment's size more
+    than any moment, and E asked for them carries it (docs/style.md)."""
+
+    def extremes(x):  # each channel's largest and smallest value over the positions
+        x = x.float()
+        return torch.cat([x.amax((2, 3)), x.amin((2, 3))], 1)
+
+    t_out, t_ref = style_features(output), style_features(reference)
+    if extremes_of is not None:
+        t_out = torch.cat([t_out, extremes(extremes_of)], 1)
+        t_ref = torch.cat([t_ref, extremes(reference)], 1)
+    return F.l1_loss(t_out, t_ref)
 
 
 def f_match_loss(s_f, s_e, n_proj=64, w_near=3.0):
@@ -1495,8 +1513,10 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
     with ctx:
         s_ref, s_src = E(e_in, torch.cat([y_trg, y_src])).chunk(2)
         s_lat, s_2 = Fm(torch.cat([z_trg, z_2]), torch.cat([y_trg, y_trg])).chunk(2)
-        # stats' translation: the reference's style held, so stats trains G only (stats_loss)
-        held = [s_ref.detach()] if cfg["w_stats"] > 0 and not cfg["stats_e"] else []
+        # stats' translation: the reference's style held, so stats trains G only (stats_loss);
+        # with --stats_e, for --stats_max's extremes alone
+        hold = cfg["w_stats"] > 0 and (not cfg["stats_e"] or cfg["stats_max"])
+        held = [s_ref.detach()] if hold else []
         n = 3 + len(held)
         fake_ref, fake_lat, fake_2, *fake_held = G(
             content.repeat(n, 1, 1, 1), torch.cat([s_ref, s_lat, s_2, *held])
@@ -1567,8 +1587,8 @@ def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
         f_match = f_match_loss(s_f, s_e)
         g_loss = g_loss + cfg["w_f_match"] * f_match
     if cfg["w_stats"] > 0:
-        fake_stats = fake_held[0] if fake_held else fake_ref  # fake_ref: --stats_e
-        stats = stats_loss(fake_stats.float(), x_ref.float())
+        fake_stats = fake_ref if cfg["stats_e"] else fake_held[0]
+        stats = stats_loss(fake_stats, x_ref, fake_held[0] if cfg["stats_max"] else None)
         g_loss = g_loss + cfg["w_stats"] * stats
     gef_params = [p for group in opt_G.param_groups for p in group["params"]]
     opt_G.zero_grad(set_to_none=True)
