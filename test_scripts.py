@@ -1541,6 +1541,7 @@ def test_stargan_bad_input(tiny_latents, tmp_path):
         (["--r1_interval", 0], "argument --r1_interval: must be at least 1"),
         (["--betas", 0.5], "argument --betas: expected 2 arguments"),
         (["--e_views", 0.5], "--e_views needs latents encoded with --zoom_views"),
+        (["--stats_max"], "shape stats, which is off: give it a weight (--w_stats 20)"),
     ):
         assert_one_line_error(stargan_call(tiny_latents, str(tmp_path / "o"), *flags), needle)
 

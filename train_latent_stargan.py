@@ -234,6 +234,8 @@ def parse_config(argv=None):
         die(f"--g_blocks must be even (half encoder, half decoder), got {cfg['g_blocks']}")
     if cfg["ada_target"] is not None and cfg["ada_p"] is not None:
         die("--ada_target adapts p and --ada_p fixes it: give one of them")
+    if (cfg["stats_e"] or cfg["stats_max"]) and cfg["w_stats"] <= 0:
+        die("--stats_e and --stats_max shape stats, which is off: give it a weight (--w_stats 20)")
     B = cfg["batch_size"]
     if cfg["epoch_size"] < B:
         die(f"--epoch_size counts samples: {cfg['epoch_size']} is less than one batch of {B}")
