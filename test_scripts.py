@@ -1255,7 +1255,7 @@ def test_stargan_stats_trains_g_and_leaves_e_unless_stats_e(tiny_latents, tmp_pa
     # with --stats_e alone (E's style held otherwise), and --stats_max's extremes never reach it.
     # A network that never moved equals its EMA.
     alone = "--w_adv 0 --w_sty 0 --w_ds 0 --w_cyc 0 --w_id 0 --weight_decay 0 --w_stats 1"
-    moved, ck = [], {}
+    moved = []
     for i, flags in enumerate(([], ["--stats_e"], ["--stats_max"])):
         out = str(tmp_path / f"s{i}")
         p = stargan_call(tiny_latents, out, "--epochs", 1, *alone.split(), *flags)
@@ -1273,14 +1273,16 @@ def test_stargan_stats_trains_g_and_leaves_e_unless_stats_e(tiny_latents, tmp_pa
     # lr * grad / (|grad| + eps), about lr * sign(grad) (lr 1e-4): the extremes, G's alone, only
     # scale E's gradient (within a quarter of a step where a gradient is near eps); had they
     # reached E, its steps would turn
+    one_step = []
     for i, flags in enumerate((["--stats_e"], ["--stats_e", "--stats_max"])):
         out = str(tmp_path / f"one{i}")
         p = stargan_call(tiny_latents, out, "--max_iters", 1, *alone.split(), *flags)
         assert p.returncode == 0, p.stderr
-        ck[i] = load_pt(os.path.join(out, "ckpt.pt"))
-    for n, v in ck[0]["E"].items():
-        torch.testing.assert_close(ck[1]["E"][n], v, rtol=0, atol=2.5e-5)
-    assert any(not torch.equal(ck[1]["G"][n], v) for n, v in ck[0]["G"].items())
+        one_step.append(load_pt(os.path.join(out, "ckpt.pt")))
+    plain, with_max = one_step
+    for n, v in plain["E"].items():
+        torch.testing.assert_close(with_max["E"][n], v, rtol=0, atol=2.5e-5)
+    assert any(not torch.equal(with_max["G"][n], v) for n, v in plain["G"].items())
 
 
 def test_stargan_e_views_give_e_the_zoomed_encodings_of_its_latents():

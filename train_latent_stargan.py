@@ -1464,13 +1464,12 @@ def draw_batch(cfg, pool, mine, ada):
 
     ref = one_of(y_trg)  # a reference of the target domain
     z_trg, z_2 = torch.randn(2, B, cfg["latent_dim"], device=device)
-    e_in = None  # E's inputs, x_ref's (first B) and content's, each with chance e_views one of
+    e_views = None  # x_ref's (first B) and content's: each with chance e_views, E sees one of
     if zoomed is not None:  # its image's zoomed encodings instead (then no latent zoom)
         k = torch.randint(zoomed.shape[1], (2 * B,), device=device)
         take = torch.rand(2 * B, device=device) < cfg["e_views"]  # drawn whole, gathered mine
         rows, k, take = (rank_rows(t, 2, mine) for t in (torch.cat([ref, idx]), k, take))
-        view_lat = zoomed[rows, k].float() * cfg["latent_scale"]
-        e_in = torch.where(take[:, None, None, None], view_lat, latents[rows])
+        e_views = (take[:, None, None, None], zoomed[rows, k].float() * cfg["latent_scale"])
     zoom = 0.0 if zoomed is not None else cfg["e_zoom"]
     views = None  # E's views of x_ref (first B) and content (next B); none when all are 0
     if cfg["e_flip"] or cfg["e_shift"] or zoom:
@@ -1485,8 +1484,10 @@ def draw_batch(cfg, pool, mine, ada):
         y_fm = torch.arange(K, device=device).repeat_interleave(F_MATCH_N)
         x_fm = latents[one_of(y_fm)]
         fm = (x_fm, torch.randn(K * F_MATCH_N, cfg["latent_dim"], device=device), y_fm)
-    batch = (latents[idx[mine]], y_src[mine], y_trg[mine], latents[ref[mine]])
-    return batch + (z_trg[mine], z_2[mine], (e_in, views), *pipes, fm)
+    content, x_ref = latents[idx[mine]], latents[ref[mine]]
+    e_in = None if e_views is None else torch.where(*e_views, torch.cat([x_ref, content]))
+    return (content, y_src[mine], y_trg[mine], x_ref, z_trg[mine], z_2[mine], (e_in, views),
+            *pipes, fm)  # fmt: skip
 
 
 def train_step(cfg, nets, modules, batch, step, lam, ctx, w_id=None):
