@@ -479,11 +479,12 @@ def pose_case(folder, classes, pose, style=None, seed=0, *flags, data=None):
 
 
 def train_case(folder, lat, scale, seed=0, *flags):
-    """The small model for 1,280 steps on latents lat, in folder/run: (that folder, the log's
-    evaluation records)."""
+    """The small model for 1,280 steps on latents lat (flags may ask for more: up to an hour, as
+    docs/style.md's 3,840-step runs take), in folder/run: (that folder, the log's evaluation
+    records)."""
     out = os.path.join(folder, "run")
     args = ["--data", lat, "--out_dir", out, "--latent_scale", scale, "--seed", seed]
-    run("train_latent_stargan.py", *args, *LEARN, *flags, timeout=1200)
+    run("train_latent_stargan.py", *args, *LEARN, *flags, timeout=3600)
     return out, [r for r in load_log(out)["records"] if "acc_ref" in r]
 
 
