@@ -363,10 +363,11 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0, judges=None):
     in the file names: style_ref, the share of translations by reference that take their
     reference's style, over the pairs whose reference and source differ in it; style_same, the
     same over the pairs where they agree (nothing to change: how well the judge reads
-    translations, a ceiling for style_ref); style_lat_share
-    and style_real_share, the share of style 1 among the translations by z and the held-out
-    real images; style_lat_gap, the difference. judges: fit_judges' judges, fitted here where
-    not given."""
+    translations, a ceiling for style_ref); style_lat_share and style_real_share, the share of
+    style 1 among the translations by z and the held-out real images; style_lat_gap, the
+    difference; ref_reach_same (ref_reach_other), the pixel L1 between a source's translations by
+    two references of one domain and of one style (of two styles), over the pixel L1 between the
+    two references. judges: fit_judges' judges, fitted here where not given."""
     import train_latent_stargan as sg
 
     cpu = torch.device("cpu")
@@ -428,6 +429,18 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0, judges=None):
         at = at[torch.randperm(len(at), generator=gen)][: len(at) // 2 * 2].view(2, -1)
         halves.append((x_held[at[0]] - x_held[at[1]]).abs().flatten(1).mean(1))
     out["pix_div_real"] = float(torch.cat(halves).mean() / 2)
+    if style is not None:  # the reference's reach: a second reference of each pair's domain
+        for name, same in (("ref_reach_same", True), ("ref_reach_other", False)):
+            ref2 = []  # of the first one's style (of the other), drawn among the held-out
+            for r, t in zip(ref.tolist(), y_trg.tolist()):
+                pool = of_domain[t][(style[of_domain[t]] == style[r]) == same]
+                pool = pool[pool != r]
+                ref2.append(pool[torch.randint(len(pool), (), generator=gen)])
+            ref2 = torch.stack(ref2)
+            with torch.no_grad():
+                img_ref2 = images(G(lat[src], E(lat[ref2], y_trg)))
+            apart = (images(lat[ref]) - images(lat[ref2])).abs().mean()
+            out[name] = float((img_ref - img_ref2).abs().mean() / apart)
     # the reference path in F's region of style space (docs/pose.md)
     y_held, z_mean = labels[held], torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

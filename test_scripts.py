@@ -2557,16 +2557,17 @@ def test_every_relative_link_in_the_docs_leads_to_a_file_and_heading():
 # others have run on the other core.
 
 
-# Not reached by the recipe in the test's 1,280 steps (docs/style.md). Seed 0: by reference 0.557,
-# by z a gap of 0.263. The style flags (--w_stats 20 --w_f_match 1 --f_lr 1e-3 --stats_e, E's views
-# zoomed in the image, --stats_max, --lr 3e-4) read 0.896, 0.903 and 0.900 by reference on three
-# seeds, the gaps 0.012 to 0.043, and keep the scale case's pose; at 3,840 steps 0.939, 0.935 and
-# 0.942, the pose held on every case, content 0.22 to 0.49. The test keeps the recipe: the flags
-# need data encoded with the zoomed views, in 1,280 steps f_match makes z idle where the style
-# hardly varies (the pose test's div bar), and three times the run is about 12 more minutes of suite
+# Not reached by the recipe in the test's 1,280 steps (docs/style.md). Seed 0: by reference 0.557
+# to 0.699 (two machines), by z a gap of 0.245 to 0.263. The style flags (--w_stats 20 --w_f_match 1
+# --f_lr 1e-3 --stats_e, E's views zoomed in the image, --stats_max, --lr 3e-4) read 0.864 to 0.903
+# by reference on three seeds and two machines, the gaps 0.012 to 0.043, and keep the scale case's
+# pose; at 3,840 steps 0.939, 0.935 and 0.942, the pose held on every case, content 0.22 to 0.49.
+# The test keeps the recipe: the flags need data encoded with the zoomed views, in 1,280 steps
+# f_match makes z idle where the style hardly varies (the pose test's div bar), and three times
+# the run is about 12 more minutes of suite
 STYLE_XFAIL = (  # docs/style.md
-    "the recipe: by reference 0.56 of 0.9, by z a gap of 0.26 over 0.2; the style flags with "
-    "--stats_max read 0.896 to 0.903 in 1,280 steps and 0.935 to 0.942 in 3,840"
+    "the recipe: by reference 0.56 to 0.70 of 0.9, by z a gap of 0.25 over 0.2; the style flags "
+    "with --stats_max read 0.864 to 0.903 in 1,280 steps and 0.935 to 0.942 in 3,840"
 )
 
 
@@ -2664,6 +2665,10 @@ def test_stargan_translates_keeping_the_pose_on_fashion_mnist(pose_run):
     # and reads the translations themselves: those whose reference has the source's brightness
     # (nothing to change) it judges in that brightness (0.845; 0.82 to 0.89 over the docs' dim runs)
     assert judged["style_same"] >= 0.75, judged
+    # the reference's reach: two references of one domain, of the other style than each other,
+    # give translations further apart (over the two references' own distance) than two of one
+    # style (0.53 against 0.26; the style flags at 3,840 steps 0.74 to 0.78 against 0.49 to 0.55)
+    assert judged["ref_reach_other"] > 1.2 * judged["ref_reach_same"] > 0, judged
     assert all(0 <= last[k] for k in ("style_lat", "style_ref", "style_cov")), last
     assert 0 < first["style_cov_real"] <= 1, first
 
