@@ -2665,9 +2665,9 @@ def test_stargan_translates_keeping_the_pose_on_fashion_mnist(pose_run):
     # and reads the translations themselves: those whose reference has the source's brightness
     # (nothing to change) it judges in that brightness (0.845; 0.82 to 0.89 over the docs' dim runs)
     assert judged["style_same"] >= 0.75, judged
-    # the reference's reach: two references of one domain, of the other style than each other,
-    # give translations further apart (over the two references' own distance) than two of one
-    # style (0.53 against 0.26; the style flags at 3,840 steps 0.74 to 0.78 against 0.49 to 0.55)
+    # the reference's reach: two references of one domain in two styles give translations
+    # further apart (over the two references' own distance) than two in one style (0.53 against
+    # 0.26; the style flags at 3,840 steps 0.74 to 0.78 against 0.49 to 0.55)
     assert judged["ref_reach_other"] > 1.2 * judged["ref_reach_same"] > 0, judged
     assert all(0 <= last[k] for k in ("style_lat", "style_ref", "style_cov")), last
     assert 0 < first["style_cov_real"] <= 1, first
