@@ -2561,13 +2561,16 @@ def test_every_relative_link_in_the_docs_leads_to_a_file_and_heading():
 # to 0.699 (two machines), by z a gap of 0.245 to 0.263. The style flags (--w_stats 20 --w_f_match 1
 # --f_lr 1e-3 --stats_e, E's views zoomed in the image, --stats_max, --lr 3e-4) read 0.864 to 0.903
 # by reference on three seeds and two machines, the gaps 0.012 to 0.043, and keep the scale case's
-# pose; at 3,840 steps 0.939, 0.935 and 0.942, the pose held on every case, content 0.22 to 0.49.
+# pose on one machine, not on the other (0.20 to 0.40); at 2,560 steps 0.922 to 0.939, the scale
+# pose lost (0.40); at 3,840 steps 0.939, 0.935 and 0.942, the pose held on every case, content
+# 0.22 to 0.49.
 # The test keeps the recipe: the flags need data encoded with the zoomed views, in 1,280 steps
 # f_match makes z idle where the style hardly varies (the pose test's div bar), and three times
 # the run is about 12 more minutes of suite
 STYLE_XFAIL = (  # docs/style.md
     "the recipe: by reference 0.56 to 0.70 of 0.9, by z a gap of 0.25 over 0.2; the style flags "
-    "with --stats_max read 0.864 to 0.903 in 1,280 steps and 0.935 to 0.942 in 3,840"
+    "with --stats_max read 0.864 to 0.903 in 1,280 steps, 0.922 to 0.939 in 2,560 (not the scale "
+    "case's pose) and 0.935 to 0.942 in 3,840"
 )
 
 

@@ -139,8 +139,8 @@ def build_parser():
                         "carries what T sees, a garment's size too, to the output (docs/style.md)")
     p.add_argument("--stats_max", action="store_true",
                    help="stats' T holds each channel's largest and smallest value too, into G "
-                        "only: a dimmed garment's brightest pixel, which the moments blur "
-                        "(docs/style.md)")
+                        "only: a dimmed garment's brightest pixel, which the moments blur; with "
+                        "--stats_e it can carry a garment's size in a short run (docs/style.md)")
     p.add_argument("--w_f_match", type=nonneg_float, default=0.0,
                    help="weight of f_match, F's styles onto E's of the same domain, so that z "
                         "reaches the data's styles (docs/style.md; needs F to move: --f_lr 1e-3)")
