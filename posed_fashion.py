@@ -430,7 +430,9 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0, judges=None):
         halves.append((x_held[at[0]] - x_held[at[1]]).abs().flatten(1).mean(1))
     out["pix_div_real"] = float(torch.cat(halves).mean() / 2)
     if style is not None:  # the reference's reach: a second reference of each pair's domain
-        img_refs = images(lat[ref])
+        in_held = torch.zeros(len(lat), dtype=torch.long)  # a held-out latent's row of x_held
+        in_held[held] = torch.arange(len(held))
+        img_refs = x_held[in_held[ref]]
         for name, same in (("ref_reach_same", True), ("ref_reach_other", False)):
             ref2 = []  # of the first one's style (of the other), drawn among the held-out
             for r, t in zip(ref.tolist(), y_trg.tolist()):
@@ -440,7 +442,7 @@ def judge_translations(run_dir, lat_path, vae_dir, seed=0, judges=None):
             ref2 = torch.stack(ref2)
             with torch.no_grad():
                 img_ref2 = images(G(lat[src], E(lat[ref2], y_trg)))
-            apart = (img_refs - images(lat[ref2])).abs().mean()
+            apart = (img_refs - x_held[in_held[ref2]]).abs().mean()
             out[name] = float((img_ref - img_ref2).abs().mean() / apart)
     # the reference path in F's region of style space (docs/pose.md)
     y_held, z_mean = labels[held], torch.Generator().manual_seed(seed + 1)
