@@ -113,7 +113,8 @@ def build_parser():
     p.add_argument("--e_views", type=unit_float, default=0.0,
                    help="chance that E sees, instead of a latent, one of its image's zoomed "
                         "encodings (encode_latents.py --zoom_views), where the latent zoom does "
-                        "not hide a garment's size (docs/style.md; 0: not)")
+                        "not hide a garment's size; 0.85 with --stats_e --stats_max, which carry "
+                        "the size from the latents E sees (docs/style.md; 0: not)")
     # loss (seed 001's loss.* keys)
     p.add_argument("--w_adv", type=nonneg_float, default=1.0, help="weight of g_adv")
     p.add_argument("--w_sty", type=nonneg_float, default=1.0, help="weight of sty, style recon.")
@@ -140,7 +141,8 @@ def build_parser():
     p.add_argument("--stats_max", action="store_true",
                    help="stats' T holds each channel's largest and smallest value too, into G "
                         "only: a dimmed garment's brightest pixel, which the moments blur; with "
-                        "--stats_e it can carry a garment's size in a short run (docs/style.md)")
+                        "--stats_e it can carry a garment's size unless --e_views is near 1 "
+                        "(docs/style.md)")
     p.add_argument("--w_f_match", type=nonneg_float, default=0.0,
                    help="weight of f_match, F's styles onto E's of the same domain, so that z "
                         "reaches the data's styles (docs/style.md; needs F to move: --f_lr 1e-3)")
