@@ -2564,14 +2564,16 @@ def test_every_relative_link_in_the_docs_leads_to_a_file_and_heading():
 # pose on one machine, not on the other (0.20 to 0.40); at 2,560 steps 0.922 to 0.939, the scale
 # pose lost (0.40); at 3,840 steps 0.939, 0.935 and 0.942, the pose held on every case, content
 # 0.22 to 0.49. With --e_views 0.85 (not 0.67) the scale pose holds at 1,280 steps (0.972 to
-# 0.986) and 2,560 (0.975), by reference 0.887 to 0.900 and 0.909 to 0.929.
+# 0.986) and 2,560 (0.975), by reference 0.887 to 0.900 and 0.909 to 0.929. --lr 5e-4 reads 0.903
+# to 0.926 in 1,280 steps on three seeds but loses the scale pose on seed 0 (0.537).
 # The test keeps the recipe: the flags need data encoded with the zoomed views, in 1,280 steps
 # f_match makes z idle where the style hardly varies (the pose test's div bar), and three times
 # the run is about 12 more minutes of suite
 STYLE_XFAIL = (  # docs/style.md
     "the recipe: by reference 0.56 to 0.70 of 0.9, by z a gap of 0.25 over 0.2; the style flags "
     "with --stats_max read 0.864 to 0.903 in 1,280 steps (--e_views 0.85 keeps the scale case's "
-    "pose), 0.922 to 0.939 in 2,560 and 0.935 to 0.942 in 3,840"
+    "pose; with --lr 5e-4 0.903 to 0.926, the scale pose lost on one seed of three), 0.906 to "
+    "0.939 in 2,560 and 0.935 to 0.942 in 3,840"
 )
 
 
